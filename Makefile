@@ -34,3 +34,10 @@ train: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+
+# A real Label Studio 1.23 server for tests/e2e, in its own venv (.e2e/ls-venv): it pins older redis/rq/opencv.
+.PHONY: e2e-deps
+e2e-deps:
+	PY=$(PY) bash scripts/install_label_studio.sh
+
+test: e2e-deps

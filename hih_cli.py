@@ -66,6 +66,110 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _predictor(args: argparse.Namespace, settings: Settings, detector: str | None = None):
+    import torch
+
+    from model.checkpoint import CheckpointError
+    from model.predictor import Predictor
+
+    torch.set_num_threads(args.threads or settings.threads)
+    weights = Path(args.weights) if args.weights else settings.weights
+    try:
+        return Predictor.load(
+            weights, device=args.device or settings.device, detector=detector or settings.detector,
+            decode_method=getattr(args, "decode", "hih"), flip_test=getattr(args, "flip", False),
+        )
+    except CheckpointError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    import numpy as np
+
+    from model.evaluate import evaluate_images
+    from model.metrics import auc, failure_rate, plot_ced
+
+    records, _ = _load_records([args.data])
+    detector = args.detector
+    predictor = _predictor(args, settings, detector=None if detector == "gt" else detector)
+    if records[0].points.shape[0] != predictor.scheme.num_points:
+        raise CLIError(f"{args.data} has {records[0].points.shape[0]}-point faces; the model is "
+                       f"{predictor.scheme.name}")
+    result = evaluate_images(predictor, records, detector, progress=not args.json)
+    nmes = result.nmes
+    summary = {
+        "data": args.data, "weights": str(args.weights or settings.weights), "model_version": predictor.version,
+        "detector": detector, "decode": args.decode, "flip": args.flip, "n": len(records),
+        "evaluated": int(len(nmes)), "missed": len(result.missed),
+        "nme": round(100 * float(np.mean(nmes)), 4) if len(nmes) else None, "nme_unit": "% of inter-ocular",
+        "fr": round(100 * failure_rate(nmes), 3) if len(nmes) else None, "fr_unit": "% of faces, NME > 10%",
+        "auc": round(auc(nmes), 4) if len(nmes) else None,
+        "ms_per_face": round(1000 * result.seconds / max(1, result.faces), 2),
+        "missed_images": [str(records[i].image_path) for i in result.missed],
+    }
+    if args.per_image:
+        import csv
+
+        with open(args.per_image, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["image", "nme", "uncertainty"])
+            for i, e, u in zip(result.found, nmes, result.uncertainty, strict=True):
+                writer.writerow([records[i].image_path, f"{e:.6f}", f"{u:.6f}"])
+    if args.plot:
+        plot_ced({f"{predictor.version} ({args.decode})": nmes}, args.plot, title=f"CED on {args.data}")
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for key, value in summary.items():
+            if key != "missed_images":
+                print(f"{key:>14}: {value}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
+    import numpy as np
+    from PIL import Image
+
+    from model.image_io import ImageError, load_image
+    from model.overlay import draw_faces
+
+    predictor = _predictor(args, settings, detector=args.detector)
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    results, failed = [], 0
+    for path in args.images:
+        try:
+            image = load_image(path)
+        except ImageError as exc:
+            print(f"hih-assist predict: error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        faces = predictor.predict(image)
+        entry = {
+            "image": path, "width": image.shape[1], "height": image.shape[0], "model_version": predictor.version,
+            "faces": [
+                {"rect": [round(v, 3) for v in f.rect], "score": round(f.score, 4),
+                 "uncertainty": round(f.uncertainty, 4),
+                 "points": np.round(f.points, 3).tolist(), "point_scores": np.round(f.point_scores, 4).tolist()}
+                for f in faces
+            ],
+            "coordinates": "0-based pixel-centre (the centre of the top-left pixel is (0, 0)); rect: pixel corners",
+        }
+        if out_dir:
+            overlay = out_dir / (Path(path).stem + ".png")
+            Image.fromarray(draw_faces(image, faces, predictor.scheme)).save(overlay)
+            entry["overlay"] = str(overlay)
+        results.append(entry)
+        if not args.json:
+            print(f"{path}: {len(faces)} face(s)" + (f", overlay {entry['overlay']}" if out_dir else ""))
+            for i, f in enumerate(faces):
+                print(f"  face {i}: rect {tuple(round(v, 1) for v in f.rect)} score {f.score:.3f}")
+    if args.json:
+        print(json.dumps(results))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hih-assist", description=__doc__)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: $LOG_LEVEL or INFO)")
@@ -87,6 +191,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/state if present")
     p.set_defaults(func=cmd_train)
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--weights", default=None, help="checkpoint folder (default: $HIH_WEIGHTS, the shipped model)")
+        p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: $HIH_DEVICE")
+        p.add_argument("--threads", type=int, default=0, help="torch threads (default: $THREADS)")
+        p.add_argument("--decode", default="hih", choices=["hih", "argmax", "integer"],
+                       help="hih: expectation over the decimal map (default); argmax: the paper's; integer: no decimal")
+        p.add_argument("--flip", action="store_true", help="flip test: average with the mirrored face")
+
+    p = sub.add_parser("evaluate", help="NME, FR, AUC of a model on a 300-W style folder")
+    p.add_argument("--data", required=True, help="folder of images with .pts beside them")
+    p.add_argument("--detector", default="gt", help="gt (crop from ground truth), auto, haar, hog, yunet:PATH")
+    p.add_argument("--per-image", default=None, metavar="CSV", help="write image,nme,uncertainty per face")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write the CED curve")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    model_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="landmarks for images: JSON and overlay PNGs")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out-dir", default=None, help="write an overlay PNG per image here")
+    p.add_argument("--detector", default=None, help="auto, haar, hog, yunet:PATH (default: $HIH_DETECTOR)")
+    p.add_argument("--json", action="store_true")
+    model_args(p)
+    p.set_defaults(func=cmd_predict)
     return parser
 
 

@@ -83,6 +83,40 @@ class Settings:
         default=50 * 1024 * 1024,
         metadata={"env": "MAX_IMAGE_BYTES", "doc": "Largest image download accepted, in bytes."},
     )
+    queue_name: str = field(
+        default="hih-assist",
+        metadata={
+            "env": "HIH_QUEUE",
+            "doc": "RQ queue name; also the prefix of every Redis key hih-assist writes (versions, counters).",
+        },
+    )
+    embedded_redis_db: Path = field(
+        default=PROJECT_ROOT / "runs" / "redis" / "hih-assist.rdb",
+        metadata={"env": "HIH_EMBEDDED_REDIS", "doc": "Database file of the embedded Redis (REDIS_URL unset)."},
+    )
+    finetune_epochs: int = field(
+        default=30, metadata={"env": "FINETUNE_EPOCHS", "doc": "Epochs of a background fine-tune job."}
+    )
+    finetune_lr: float = field(
+        default=5e-4, metadata={"env": "FINETUNE_LR", "doc": "Peak learning rate of a fine-tune job."}
+    )
+    holdout_fraction: float = field(
+        default=0.2,
+        metadata={
+            "env": "HOLDOUT_FRACTION",
+            "doc": "Share of annotated faces held out to gate a fine-tuned model (never trained on).",
+        },
+    )
+    finetune_timeout: int = field(
+        default=3600, metadata={"env": "FINETUNE_TIMEOUT", "doc": "Seconds before a fine-tune job is killed."}
+    )
+    finetune_lock_ttl: int = field(
+        default=60,
+        metadata={
+            "env": "FINETUNE_LOCK_TTL",
+            "doc": "Seconds a killed fine-tune job keeps its project locked (a live job renews the lock).",
+        },
+    )
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -95,6 +129,8 @@ class Settings:
                 values[f.name] = Path(raw).expanduser()
             elif f.type in ("int", int):
                 values[f.name] = int(raw)
+            elif f.type in ("float", float):
+                values[f.name] = float(raw)
             else:
                 values[f.name] = raw
         return cls(**values)

@@ -137,7 +137,9 @@ class Decoded:
     ``points``: input-crop pixel-centre coordinates (B, K, 2). ``integer_peak``: softmax probability of the
     argmax integer pixel (0-1). ``decimal_entropy``: entropy of the decimal distribution / log(D*D) (0-1).
     ``decimal_std``: standard deviation of the decimal distribution in input pixels (RMS of x and y).
-    ``decimal_peak``: the largest decimal bin probability.
+    ``decimal_peak``: the largest decimal bin probability. ``integer_std``: standard deviation of the
+    softmax of the integer map around its mean, in input pixels (RMS of x and y): large when the map has
+    several peaks or a broad one.
     """
 
     points: np.ndarray
@@ -145,6 +147,7 @@ class Decoded:
     decimal_entropy: np.ndarray
     decimal_std: np.ndarray
     decimal_peak: np.ndarray
+    integer_std: np.ndarray
 
 
 def decode(
@@ -163,6 +166,11 @@ def decode(
     prob = torch.softmax(flat, dim=2)
     peak, idx = prob.max(dim=2)
     n = torch.stack([idx % W, idx // W], dim=2).double()
+    cols = torch.arange(W, dtype=torch.float64, device=prob.device).repeat(H)
+    rows = torch.arange(H, dtype=torch.float64, device=prob.device).repeat_interleave(W)
+    p64 = prob.double()
+    mx, my = (p64 * cols).sum(2), (p64 * rows).sum(2)
+    ivar = (p64 * (cols - mx[..., None]) ** 2).sum(2) + (p64 * (rows - my[..., None]) ** 2).sum(2)
 
     dprob = torch.softmax(decimal_logits.detach().float().flatten(2), dim=2).double()  # (B, K, D*D)
     centres = (torch.arange(D, dtype=torch.float64, device=dprob.device) + 0.5) / D - 0.5
@@ -189,6 +197,7 @@ def decode(
         decimal_entropy=entropy.float().cpu().numpy(),
         decimal_std=(torch.sqrt(var / 2.0) * geo_stride).float().cpu().numpy(),
         decimal_peak=dpeak.float().cpu().numpy(),
+        integer_std=(torch.sqrt(ivar / 2.0) * geo_stride).float().cpu().numpy(),
     )
 
 

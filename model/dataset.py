@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -26,6 +27,8 @@ from model.transforms import (
     random_crop_matrix,
     warp,
 )
+
+cv2.setNumThreads(1)  # data loading runs beside training on few cores: no oversubscription
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)

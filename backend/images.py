@@ -1,0 +1,329 @@
+"""Fetching a task's image, from every place a Label Studio task can point to.
+
+``ImageFetcher.fetch(value, task_id)`` accepts:
+
+* Label Studio paths ``/data/upload/...``, ``/data/local-files/?d=...``, ``/storage-data/...``,
+  ``/tasks/<id>/resolve/?fileuri=...`` (joined to ``LABEL_STUDIO_URL``), and full URLs on Label Studio's
+  host: sent with Label Studio's credentials (see ``LabelStudioAuth``);
+* cloud storage URIs (``s3://``, ``gs://``, ``azure-blob://``): resolved through Label Studio's
+  ``/tasks/<task_id>/resolve/?fileuri=<base64>``, which proxies or redirects to a presigned URL;
+* http(s) URLs on hosts listed in ``ALLOWED_IMAGE_HOSTS`` (sent without credentials); any other host is
+  refused, so that task data cannot make the backend fetch from arbitrary addresses;
+* ``data:image/...;base64,`` URIs, ``file://`` URLs and local paths.
+
+Downloads are streamed with connect/read timeouts and stop at ``MAX_IMAGE_BYTES``. Every failure raises
+``ImageFetchError`` with a short ``reason`` (for metrics) and a message that says what to fix, e.g.
+``Label Studio refused the image download (HTTP 401): LABEL_STUDIO_API_KEY is wrong or missing``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from urllib.parse import unquote, urljoin, urlsplit
+
+import numpy as np
+import requests
+
+from model.image_io import ImageError, load_image
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ImageFetchError", "ImageFetcher", "LabelStudioAuth", "is_jwt_refresh_token", "jwt_claims"]
+
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 30.0
+MAX_REDIRECTS = 5
+CHUNK = 64 * 1024
+_LS_PREFIXES = ("/data/", "/storage-data/", "/tasks/", "/projects/")
+_CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure")
+
+
+class ImageFetchError(Exception):
+    """An image that could not be fetched or read. ``reason``: a short code (``missing``, ``unauthorized``,
+    ``not_found``, ``too_large``, ``forbidden_host``, ``http_error``, ``network``, ``unreadable``)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------- credentials
+def jwt_claims(token: str) -> dict | None:
+    """The payload of a JWT (not verified), or None when ``token`` is not one."""
+    parts = token.split(".")
+    if len(parts) != 3 or not all(parts):
+        return None
+    try:
+        payload = base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4))
+        claims = json.loads(payload)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def is_jwt_refresh_token(token: str) -> bool:
+    """A Label Studio personal access token: a JWT whose ``token_type`` is ``refresh``."""
+    claims = jwt_claims(token)
+    return bool(claims) and claims.get("token_type") == "refresh"
+
+
+class LabelStudioAuth:
+    """The ``Authorization`` header for Label Studio.
+
+    A legacy token is sent as ``Token <key>``. A personal access token (a JWT refresh token) is exchanged at
+    ``POST {url}/api/token/refresh/`` for a short-lived access token, sent as ``Bearer <access>`` and cached
+    until 30 s before it expires (``exp`` claim; 4 minutes when it has none). A JWT access token is sent as
+    ``Bearer`` as is. Thread-safe.
+    """
+
+    REFRESH_MARGIN = 30.0
+
+    def __init__(self, url: str, api_key: str, session: requests.Session | None = None):
+        self.url = url.rstrip("/")
+        self.api_key = (api_key or "").strip()
+        self.session = session or requests.Session()
+        self._lock = threading.Lock()
+        self._access: str | None = None
+        self._expires = 0.0
+        claims = jwt_claims(self.api_key) if self.api_key else None
+        self.kind = (
+            "none"
+            if not self.api_key
+            else (
+                "pat"
+                if claims and claims.get("token_type") == "refresh"
+                else "bearer"
+                if claims and claims.get("token_type") == "access"
+                else "legacy"
+            )
+        )
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._access, self._expires = None, 0.0
+
+    def headers(self) -> dict[str, str]:
+        if self.kind == "none":
+            return {}
+        if self.kind == "legacy":
+            return {"Authorization": f"Token {self.api_key}"}
+        if self.kind == "bearer":
+            return {"Authorization": f"Bearer {self.api_key}"}
+        with self._lock:
+            if self._access is None or time.time() >= self._expires:
+                self._access, self._expires = self._refresh()
+            return {"Authorization": f"Bearer {self._access}"}
+
+    def _refresh(self) -> tuple[str, float]:
+        url = f"{self.url}/api/token/refresh/"
+        try:
+            r = self.session.post(
+                url, json={"refresh": self.api_key}, timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)
+            )
+        except requests.RequestException as exc:
+            raise ImageFetchError(
+                "network", f"cannot reach Label Studio at {url} to refresh the personal access token: {exc}"
+            ) from exc
+        if r.status_code in (400, 401, 403):
+            raise ImageFetchError(
+                "unauthorized",
+                f"Label Studio refused the personal access token (HTTP {r.status_code} from {url}): "
+                "LABEL_STUDIO_API_KEY is wrong, expired or revoked",
+            )
+        try:
+            r.raise_for_status()
+            access = r.json()["access"]
+        except (requests.HTTPError, ValueError, KeyError, TypeError) as exc:
+            raise ImageFetchError(
+                "http_error", f"unexpected answer from {url} (HTTP {r.status_code})"
+            ) from exc
+        exp = (jwt_claims(access) or {}).get("exp")
+        expires = float(exp) - self.REFRESH_MARGIN if isinstance(exp, (int, float)) else time.time() + 240.0
+        return access, expires
+
+
+# ---------------------------------------------------------------------------------------- fetching
+def _host_port(url: str) -> tuple[str, int | None]:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return (parts.hostname or "").lower(), port
+
+
+class ImageFetcher:
+    """Fetches task images (see the module docstring). One per process is enough; it is thread-safe."""
+
+    def __init__(
+        self,
+        label_studio_url: str,
+        api_key: str = "",
+        allowed_hosts: str | list[str] = "",
+        max_bytes: int = 50 * 1024 * 1024,
+        timeout: tuple[float, float] = (CONNECT_TIMEOUT, READ_TIMEOUT),
+    ):
+        self.label_studio_url = (label_studio_url or "").rstrip("/")
+        self.max_bytes = int(max_bytes)
+        self.timeout = timeout
+        if isinstance(allowed_hosts, str):
+            allowed_hosts = [h for h in allowed_hosts.split(",")]
+        self.allowed_hosts = {h.strip().lower() for h in allowed_hosts if h.strip()}
+        self.session = requests.Session()
+        self.auth = LabelStudioAuth(self.label_studio_url, api_key, self.session)
+        self._ls_host = _host_port(self.label_studio_url) if self.label_studio_url else ("", None)
+
+    @classmethod
+    def from_settings(cls, settings, api_key: str | None = None) -> ImageFetcher:
+        return cls(
+            settings.label_studio_url,
+            settings.label_studio_api_key if api_key is None else api_key,
+            settings.allowed_hosts,
+            settings.max_image_bytes,
+        )
+
+    # -- where a value points
+    def is_label_studio(self, url: str) -> bool:
+        return bool(self._ls_host[0]) and _host_port(url) == self._ls_host
+
+    def is_allowed(self, url: str) -> bool:
+        host, port = _host_port(url)
+        return host in self.allowed_hosts or f"{host}:{port}" in self.allowed_hosts
+
+    def resolve(self, value: str, task_id: int | None = None) -> str:
+        """A task's image value -> the URL (or ``file://``/``data:`` value) that will be read."""
+        value = value.strip()
+        scheme = urlsplit(value).scheme.lower()
+        if value.startswith(_LS_PREFIXES):
+            return self._ls_url(value)
+        if scheme in _CLOUD_SCHEMES:
+            if task_id is None:
+                raise ImageFetchError("missing", f"cannot resolve the cloud storage URI {value}: no task id")
+            fileuri = base64.urlsafe_b64encode(value.encode()).decode()
+            return self._ls_url(f"/tasks/{int(task_id)}/resolve/?fileuri={fileuri}")
+        return value
+
+    def _ls_url(self, path: str) -> str:
+        if not self.label_studio_url:
+            raise ImageFetchError("missing", f"{path} is a Label Studio path but LABEL_STUDIO_URL is not set")
+        return urljoin(self.label_studio_url + "/", path.lstrip("/"))
+
+    # -- reading
+    def fetch(self, value: str, task_id: int | None = None) -> np.ndarray:
+        """The image a task's value points to, as RGB uint8 (H, W, 3) in display orientation."""
+        if not isinstance(value, str) or not value.strip():
+            raise ImageFetchError("missing", "the task has no image (empty value)")
+        url = self.resolve(value, task_id)
+        scheme = urlsplit(url).scheme.lower()
+        if scheme in ("http", "https"):
+            data = self._download(url)
+            source = url
+        elif scheme == "data":
+            data, source = self._data_uri(url), "data: URI"
+        elif scheme == "file" or scheme == "" or (len(scheme) == 1 and url[1:3] in (":\\", ":/")):
+            path = Path(unquote(urlsplit(url).path) if scheme == "file" else url).expanduser()
+            data, source = self._read_file(path), str(path)
+        else:
+            raise ImageFetchError("forbidden_host", f"unsupported image URL scheme {scheme!r}: {url}")
+        try:
+            return load_image(data)
+        except ImageError as exc:
+            raise ImageFetchError("unreadable", f"cannot read the image {source}: {exc}") from exc
+
+    def _read_file(self, path: Path) -> bytes:
+        if not path.is_file():
+            raise ImageFetchError("not_found", f"image file not found: {path}")
+        size = path.stat().st_size
+        if size > self.max_bytes:
+            raise ImageFetchError(
+                "too_large", f"image {path} is {size} bytes, over MAX_IMAGE_BYTES={self.max_bytes}"
+            )
+        return path.read_bytes()
+
+    def _data_uri(self, url: str) -> bytes:
+        head, _, payload = url.partition(",")
+        if ";base64" not in head:
+            raise ImageFetchError("unreadable", "data: URIs must be base64-encoded images")
+        if len(payload) * 3 // 4 > self.max_bytes:
+            raise ImageFetchError("too_large", f"data: URI image is over MAX_IMAGE_BYTES={self.max_bytes}")
+        try:
+            return base64.b64decode(payload, validate=False)
+        except (binascii.Error, ValueError) as exc:
+            raise ImageFetchError("unreadable", f"bad base64 in data: URI: {exc}") from exc
+
+    def _download(self, url: str) -> bytes:
+        trusted = self.is_label_studio(url)
+        if not trusted and not self.is_allowed(url):
+            host = urlsplit(url).netloc
+            raise ImageFetchError(
+                "forbidden_host",
+                f"refusing to fetch {url}: host {host} is neither Label Studio's "
+                f"({self.label_studio_url or 'unset'})"
+                " nor listed in ALLOWED_IMAGE_HOSTS",
+            )
+        retried_auth = False
+        from_label_studio = False
+        for _ in range(MAX_REDIRECTS + 1):
+            on_ls = self.is_label_studio(url)
+            headers = self.auth.headers() if on_ls else {}
+            try:
+                r = self.session.get(
+                    url, headers=headers, stream=True, timeout=self.timeout, allow_redirects=False
+                )
+            except requests.RequestException as exc:
+                raise ImageFetchError("network", f"cannot download {url}: {exc}") from exc
+            with r:
+                if r.is_redirect or r.status_code in (301, 302, 303, 307, 308):
+                    location = r.headers.get("Location")
+                    if not location:
+                        raise ImageFetchError("http_error", f"redirect without a Location from {url}")
+                    from_label_studio = from_label_studio or on_ls
+                    nxt = urljoin(url, location)
+                    # Label Studio may redirect to a presigned cloud URL; others only within the allow-list
+                    if not (from_label_studio or self.is_label_studio(nxt) or self.is_allowed(nxt)):
+                        raise ImageFetchError(
+                            "forbidden_host", f"{url} redirects to {nxt}, whose host is not allowed"
+                        )
+                    url = nxt
+                    continue
+                if r.status_code in (401, 403) and on_ls:
+                    if self.auth.kind == "pat" and not retried_auth:
+                        self.auth.invalidate()  # the cached access token may have expired early: once more
+                        retried_auth = True
+                        continue
+                    raise ImageFetchError(
+                        "unauthorized",
+                        f"Label Studio refused the image download (HTTP {r.status_code}): "
+                        "LABEL_STUDIO_API_KEY is wrong or missing",
+                    )
+                if r.status_code == 404:
+                    raise ImageFetchError("not_found", f"image not found (HTTP 404): {url}")
+                if r.status_code >= 400:
+                    raise ImageFetchError(
+                        "http_error", f"image download failed (HTTP {r.status_code}): {url}"
+                    )
+                return self._read_body(r, url)
+        raise ImageFetchError("http_error", f"too many redirects fetching {url}")
+
+    def _read_body(self, r: requests.Response, url: str) -> bytes:
+        declared = r.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > self.max_bytes:
+            raise ImageFetchError(
+                "too_large", f"image {url} is {declared} bytes, over MAX_IMAGE_BYTES={self.max_bytes}"
+            )
+        buf = bytearray()
+        try:
+            for chunk in r.iter_content(CHUNK):
+                buf.extend(chunk)
+                if len(buf) > self.max_bytes:
+                    raise ImageFetchError(
+                        "too_large", f"image {url} is over MAX_IMAGE_BYTES={self.max_bytes} bytes"
+                    )
+        except requests.RequestException as exc:
+            raise ImageFetchError("network", f"download of {url} broke off: {exc}") from exc
+        if not buf:
+            raise ImageFetchError("unreadable", f"image {url} is empty")
+        return bytes(buf)

@@ -1,0 +1,322 @@
+"""Uncertainty benchmark: does a face's uncertainty predict its error?
+
+    python benchmarks/bench_uncertainty.py select [--weights runs/default/best]
+        Choose the formula on TRAINING data only: the 100 faces that the default training run held out of
+        300w/train (``np.random.default_rng(0).permutation(n)[:100]`` over the sorted records) plus the 800
+        ytf/train frames (never trained on), in 5 folds (ytf grouped by person, so frames of one video stay in
+        one fold). Every per-point candidate x face aggregate of active_learning.uncertainty is scored per
+        fold; writes benchmarks/results/uncertainty_selection.json and prints the table.
+
+    python benchmarks/bench_uncertainty.py [--weights weights/hih_cpu_300w]
+        Measure the chosen formula (active_learning.uncertainty.face_uncertainty) against the baseline (the
+        integer heatmap's peak value, mean over points, negated) on the 300-W validation faces
+        (300w/test/lfpw, 224) and on ytf/train (800): Spearman(uncertainty, NME) and the fraction of the
+        worst 10 % faces (by NME) found among the 10 % most uncertain. Prints a table, writes
+        benchmarks/results/uncertainty.json and benchmarks/results/uncertainty.png (NME against uncertainty).
+
+Faces are predicted on their ground-truth landmark box (``model.transforms.landmark_box``), one pass, the
+network's default "hih" decode; NME is inter-ocular (outer eye corners). One torch thread. Predictions are
+cached under $TMPDIR/hih-bench-uncertainty keyed by the checkpoint's file size and time (--no-cache: off).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from active_learning import uncertainty as U  # noqa: E402
+from hih_settings import Settings  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+HOLDOUT = 100  # faces the default training run held out of 300w/train (seed 0)
+FOLDS = 5
+BASELINE = "integer_peak"
+
+
+# ------------------------------------------------------------------------------------------ predict
+def _cache_key(weights: Path, records) -> str:
+    st = (weights / "model.safetensors").stat()
+    h = hashlib.sha256(f"{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for r in records:
+        h.update(str(r.image_path).encode())
+    return h.hexdigest()[:20]
+
+
+def predict_records(weights: Path, records, cache: bool = True, batch: int = 32) -> dict[str, np.ndarray]:
+    """Predict ``records`` on their landmark boxes: ``points`` (N, K, 2), ``gt``, ``nme`` (N,), ``stats``."""
+    import torch
+
+    from model.image_io import load_image
+    from model.metrics import nme
+    from model.predictor import Predictor
+    from model.transforms import landmark_box
+
+    cache_file = Path(tempfile.gettempdir()) / "hih-bench-uncertainty" / f"{_cache_key(weights, records)}.npz"
+    if cache and cache_file.is_file():
+        with np.load(cache_file) as z:
+            return {k: z[k] for k in z.files}
+    torch.set_num_threads(1)
+    predictor = Predictor.load(weights, device="cpu", detector="auto")
+    pts, parts = [], []
+    t0 = time.perf_counter()
+    for s in range(0, len(records), batch):
+        chunk = records[s : s + batch]
+        images = [load_image(r.image_path) for r in chunk]
+        p, dec = predictor.predict_crops(images, [landmark_box(r.points) for r in chunk])
+        pts.append(p)
+        parts.append({f: getattr(dec, f) for f in U.STAT_FIELDS})
+    seconds = time.perf_counter() - t0
+    gt = np.stack([r.points for r in records]).astype(np.float64)
+    points = np.concatenate(pts)
+    out = {"points": points, "gt": gt, "nme": nme(points, gt, predictor.scheme),
+           "seconds_per_face": np.array(seconds / max(len(records), 1))}
+    for f in U.STAT_FIELDS:
+        out[f] = np.concatenate([p[f] for p in parts]).astype(np.float64)
+    if cache:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache_file, **out)
+    return out
+
+
+def stats_of(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {f: pred[f] for f in U.STAT_FIELDS}
+
+
+def point_errors(pred: dict[str, np.ndarray]) -> np.ndarray:
+    """(N, K) point errors divided by the face's inter-ocular distance."""
+    d = np.linalg.norm(pred["gt"][:, 36] - pred["gt"][:, 45], axis=-1)
+    return np.linalg.norm(pred["points"] - pred["gt"], axis=-1) / d[:, None]
+
+
+def baseline_uncertainty(stats: dict[str, np.ndarray]) -> np.ndarray:
+    """The baseline: the integer heatmap's peak value (mean over points), negated so larger = less sure."""
+    return -np.asarray(stats[BASELINE]).mean(-1)
+
+
+# -------------------------------------------------------------------------------------------- data
+def load_sets(data: Path) -> dict[str, list]:
+    from model.readers import load_300w_folder
+
+    train = load_300w_folder([data / "300w" / "train"])
+    held = np.random.default_rng(0).permutation(len(train))[:HOLDOUT]
+    return {
+        "holdout": [train[i] for i in sorted(held)],
+        "ytf": load_300w_folder([data / "ytf" / "train"]),
+        "lfpw": load_300w_folder([data / "300w" / "test" / "lfpw"]),
+    }
+
+
+def ytf_group(path: Path) -> str:
+    """The person (video) of a ytf frame ``Name_Surname_123.jpg``."""
+    return path.stem.rsplit("_", 1)[0]
+
+
+def make_folds(holdout_n: int, ytf_paths: list[Path], k: int = FOLDS, seed: int = 0) -> np.ndarray:
+    """Fold index per face of holdout + ytf: holdout faces at random, ytf by person (greedy balance)."""
+    rng = np.random.default_rng(seed)
+    folds_h = rng.permutation(np.arange(holdout_n) % k)
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(ytf_paths):
+        groups.setdefault(ytf_group(p), []).append(i)
+    names = list(groups)
+    rng.shuffle(names)
+    names.sort(key=lambda n: -len(groups[n]))
+    sizes = np.zeros(k, dtype=int)
+    folds_y = np.zeros(len(ytf_paths), dtype=int)
+    for n in names:
+        f = int(np.argmin(sizes))
+        folds_y[groups[n]] = f
+        sizes[f] += len(groups[n])
+    return np.concatenate([folds_h, folds_y])
+
+
+# ------------------------------------------------------------------------------------------ select
+def _scores(u: np.ndarray, e: np.ndarray) -> tuple[float, float]:
+    return U.spearman(u, e), U.worst_in_most_uncertain(u, e, 0.10)
+
+
+def _fit_loglinear(X: np.ndarray, y: np.ndarray) -> np.ndarray:
+    A = np.c_[X, np.ones(len(X))]
+    w, *_ = np.linalg.lstsq(A, y, rcond=None)
+    return w
+
+
+def select(weights: Path, data: Path, cache: bool) -> dict:
+    sets = load_sets(data)
+    preds = {name: predict_records(weights, sets[name], cache) for name in ("holdout", "ytf")}
+    pool = {k: np.concatenate([preds["holdout"][k], preds["ytf"][k]]) for k in preds["holdout"]
+            if k != "seconds_per_face"}
+    folds = make_folds(len(sets["holdout"]), [r.image_path for r in sets["ytf"]])
+    is_ytf = np.r_[np.zeros(len(sets["holdout"]), bool), np.ones(len(sets["ytf"]), bool)]
+    stats, e = stats_of(pool), pool["nme"]
+    perr = point_errors(pool)
+    rows = []
+
+    def score_face_u(name: str, u: np.ndarray) -> dict:
+        per_fold = [_scores(u[folds == f], e[folds == f]) for f in range(FOLDS)]
+        rho = np.array([p[0] for p in per_fold])
+        hit = np.array([p[1] for p in per_fold])
+        return {
+            "formula": name, "spearman": float(rho.mean()), "spearman_sd": float(rho.std()),
+            "worst10_hit": float(hit.mean()),
+            "spearman_holdout": U.spearman(u[~is_ytf], e[~is_ytf]),
+            "spearman_ytf": U.spearman(u[is_ytf], e[is_ytf]),
+        }
+
+    for pname, pfun in U.POINT_CANDIDATES.items():
+        pu = pfun(stats)
+        point_rho = U.spearman(pu.ravel(), perr.ravel())
+        for aname, afun in U.FACE_AGGREGATES.items():
+            row = score_face_u(f"{aname}({pname})", afun(pu))
+            row["point_spearman"] = point_rho
+            rows.append(row)
+    rows.append({**score_face_u("baseline -mean(integer_peak)", baseline_uncertainty(stats)),
+                 "point_spearman": U.spearman(-stats[BASELINE].ravel(), perr.ravel())})
+
+    # A fitted combination, to see whether one measurably beats the simple formulas: least squares of
+    # log NME on the face means of the log statistics, fitted on 4 folds and scored on the fifth.
+    feats = np.stack([np.log(np.clip(stats["integer_std"], 1e-6, None)).mean(-1),
+                      np.log(np.clip(stats["decimal_std"], 1e-6, None)).mean(-1),
+                      stats["decimal_entropy"].mean(-1),
+                      np.log(np.clip(stats["integer_peak"], 1e-6, None)).mean(-1)], axis=1)
+    fitted = np.zeros(len(e))
+    for f in range(FOLDS):
+        w = _fit_loglinear(feats[folds != f], np.log(e[folds != f]))
+        fitted[folds == f] = np.c_[feats[folds == f], np.ones((folds == f).sum())] @ w
+    rows.append({**score_face_u("fitted log-linear(4 stats), out-of-fold", fitted), "point_spearman": None})
+    rows.sort(key=lambda r: -r["spearman"])
+
+    # Calibration of the chosen face uncertainty into a probability-like score, on the whole pool.
+    chosen = U.face_uncertainty(stats)
+    out = {
+        "weights": str(weights), "faces": {"holdout": int((~is_ytf).sum()), "ytf": int(is_ytf.sum())},
+        "folds": FOLDS, "nme_mean": {"holdout": float(e[~is_ytf].mean()), "ytf": float(e[is_ytf].mean())},
+        "chosen": score_face_u("chosen: active_learning.uncertainty.face_uncertainty", chosen),
+        "chosen_quantiles": {q: float(np.quantile(chosen, q / 100)) for q in (10, 25, 50, 75, 90)},
+        "point_uncertainty_quantiles": {
+            q: float(np.quantile(U.point_uncertainty(stats), q / 100)) for q in (10, 25, 50, 75, 90)},
+        "rows": rows,
+    }
+    return out
+
+
+def print_selection(out: dict) -> None:
+    print(f"formula selection on training data: {out['faces']} faces, {out['folds']} folds, "
+          f"weights {out['weights']}; mean NME holdout {out['nme_mean']['holdout'] * 100:.2f}% "
+          f"ytf {out['nme_mean']['ytf'] * 100:.2f}%")
+    print(f"{'formula':44s} {'rho':>6s} {'sd':>5s} {'hit10':>6s} {'rho_h':>6s} {'rho_y':>6s} {'pt_rho':>6s}")
+    for r in out["rows"]:
+        pr = "" if r.get("point_spearman") is None else f"{r['point_spearman']:.3f}"
+        print(f"{r['formula']:44s} {r['spearman']:6.3f} {r['spearman_sd']:5.3f} {r['worst10_hit']:6.2f} "
+              f"{r['spearman_holdout']:6.3f} {r['spearman_ytf']:6.3f} {pr:>6s}")
+    c = out["chosen"]
+    print(f"chosen: rho {c['spearman']:.3f} hit10 {c['worst10_hit']:.2f}; quantiles {out['chosen_quantiles']}")
+
+
+# ------------------------------------------------------------------------------------------- bench
+def bench(weights: Path, data: Path, cache: bool, plot: Path) -> dict:
+    sets = load_sets(data)
+    out: dict = {"weights": str(weights), "sets": {}}
+    curves = {}
+    for name, folder in (("300w_val_lfpw", "lfpw"), ("ytf_train", "ytf")):
+        pred = predict_records(weights, sets[folder], cache)
+        stats, e = stats_of(pred), pred["nme"]
+        u = U.face_uncertainty(stats)
+        b = baseline_uncertainty(stats)
+        rho_u, hit_u = _scores(u, e)
+        rho_b, hit_b = _scores(b, e)
+        out["sets"][name] = {
+            "faces": len(e), "nme_mean": float(e.mean()), "nme_median": float(np.median(e)),
+            "uncertainty": {"spearman": rho_u, "worst10_in_top10": hit_u},
+            "baseline_integer_peak": {"spearman": rho_b, "worst10_in_top10": hit_b},
+            "seconds_per_face": float(pred["seconds_per_face"]),
+        }
+        curves[name] = (u, e)
+    _plot(curves, plot)
+    out["plot"] = str(plot.relative_to(ROOT)) if plot.is_relative_to(ROOT) else str(plot)
+    return out
+
+
+def _plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.0 * len(curves), 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    for i, (name, (u, e)) in enumerate(curves.items()):
+        ax = fig.add_subplot(1, len(curves), i + 1)
+        ax.scatter(u, e * 100, s=6, alpha=0.5)
+        k = max(1, round(len(e) * 0.1))
+        ax.axvline(np.sort(u)[-k], color="tab:red", lw=0.8, ls="--", label="10% most uncertain")
+        ax.axhline(np.sort(e)[-k] * 100, color="tab:orange", lw=0.8, ls=":", label="10% worst NME")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("face uncertainty (crop px)")
+        ax.set_ylabel("NME (%)")
+        ax.set_title(f"{name}: Spearman {U.spearman(u, e):.2f}")
+        ax.grid(True, alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(str(path), format="png")
+
+
+def print_bench(out: dict) -> None:
+    print(f"uncertainty benchmark, weights {out['weights']} (ground-truth boxes, one pass)")
+    print(f"{'set':16s} {'faces':>5s} {'NME%':>6s} | {'score':22s} {'Spearman':>8s} {'worst10%->top10%':>16s}")
+    for name, s in out["sets"].items():
+        for label, key in (("uncertainty (chosen)", "uncertainty"), ("baseline int. peak", "baseline_integer_peak")):
+            r = s[key]
+            print(f"{name:16s} {s['faces']:5d} {s['nme_mean'] * 100:6.2f} | {label:22s} {r['spearman']:8.3f} "
+                  f"{r['worst10_in_top10']:16.2f}")
+    print(f"plot: {out['plot']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", nargs="?", default="bench", choices=["bench", "select"])
+    p.add_argument("--weights", default=None, help="checkpoint folder (default: weights/hih_cpu_300w, "
+                   "else runs/default/best)")
+    p.add_argument("--data", default=None, help="data folder (default: $HIH_DATA_DIR or ../shared/data)")
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/uncertainty[_selection].json)")
+    args = p.parse_args(argv)
+    data = Path(args.data) if args.data else Settings.from_env().data_dir
+    if args.weights:
+        weights = Path(args.weights)
+    else:
+        weights = next((w for w in (ROOT / "weights" / "hih_cpu_300w", ROOT / "runs" / "default" / "best")
+                        if (w / "model.safetensors").is_file()), ROOT / "weights" / "hih_cpu_300w")
+    if not (weights / "model.safetensors").is_file():
+        print(f"no checkpoint at {weights}", file=sys.stderr)
+        return 2
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.mode == "select":
+        out = select(weights, data, not args.no_cache)
+        print_selection(out)
+        target = Path(args.out) if args.out else RESULTS / "uncertainty_selection.json"
+    else:
+        out = bench(weights, data, not args.no_cache, RESULTS / "uncertainty.png")
+        print_bench(out)
+        target = Path(args.out) if args.out else RESULTS / "uncertainty.json"
+    target.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
