@@ -52,6 +52,7 @@ __all__ = [
     "enqueue_finetune",
     "get_connection",
     "get_queue",
+    "jobs_by_project",
     "key",
     "last_outcome",
     "new_annotations",
@@ -368,3 +369,42 @@ def seen_projects(settings: Settings | None = None, connection: redis.Redis | No
         conn = connection or get_connection(settings)
         members = conn.smembers(key(settings, "projects"))
     return sorted(int(m) for m in members if m.decode().isdigit())
+
+
+def jobs_by_project(
+    settings: Settings | None = None, connection: redis.Redis | None = None, limit: int = 20
+) -> dict[int, list[dict]]:
+    """Fine-tune jobs RQ still knows (queued, running, finished, failed), newest first, per project.
+
+    Each: ``id``, ``status``, ``enqueued_at``, ``ended_at`` and the job's meta (``state``, ``stage``,
+    ``epoch``, ``epochs``, ``loss``, ``holdout_nme``, ``reason``, ``version``, ...). A job killed with its
+    worker shows as ``started`` until RQ's maintenance marks it abandoned (failed)."""
+    from rq.job import Job
+
+    settings = _settings(settings)
+    with _redis_errors("listing jobs"):
+        conn = connection or get_connection(settings)
+        q = get_queue(settings, conn)
+        ids: list[str] = list(q.get_job_ids())
+        for reg in (q.started_job_registry, q.finished_job_registry, q.failed_job_registry):
+            ids += reg.get_job_ids(desc=True)[: 10 * limit]
+        jobs = [j for j in Job.fetch_many(list(dict.fromkeys(ids)), connection=conn) if j is not None]
+    out: dict[int, list[dict]] = {}
+    for job in jobs:
+        meta = dict(job.meta or {})
+        project = meta.get("project")
+        if not isinstance(project, int):
+            continue
+        status = job.get_status(refresh=False)
+        out.setdefault(project, []).append({
+            "id": job.id,
+            "func": job.func_name,
+            "status": str(getattr(status, "value", status)),
+            "enqueued_at": job.enqueued_at.isoformat(timespec="seconds") if job.enqueued_at else None,
+            "ended_at": job.ended_at.isoformat(timespec="seconds") if job.ended_at else None,
+            **meta,
+        })
+    for project, items in out.items():
+        items.sort(key=lambda j: j.get("enqueued_at") or "", reverse=True)
+        out[project] = items[:limit]
+    return out

@@ -13,6 +13,9 @@ import numpy as np
 
 __all__ = [
     "STAT_FIELDS",
+    "FACE_OK_NME",
+    "POINT_OK_IOD",
+    "loglinear_features",
     "POINT_CANDIDATES",
     "FACE_AGGREGATES",
     "point_uncertainty",
@@ -56,6 +59,29 @@ POINT_CANDIDATES: dict[str, Callable[[Mapping[str, Any]], np.ndarray]] = {
     "integer_std*entropy": lambda s: _stat(s, "integer_std") * (0.5 + _stat(s, "decimal_entropy")),
     "integer_std/peak": lambda s: _stat(s, "integer_std") / np.clip(_stat(s, "integer_peak"), _EPS, 1.0),
 }
+
+
+LOGLINEAR_FEATURES = ("ln integer_std", "ln decimal_std", "decimal_entropy", "ln integer_peak")
+# ln u = w . features + b, fitted by least squares of ln NME on the faces' mean features (training pool)
+LOGLINEAR_WEIGHTS = (1.0, 0.0, 0.0, 0.0)
+LOGLINEAR_BIAS = 0.0
+
+
+def loglinear_features(stats: Mapping[str, Any]) -> np.ndarray:
+    """(..., K, 4) per-point features of the log-linear candidate, in ``LOGLINEAR_FEATURES`` order."""
+    return np.stack([
+        np.log(np.clip(_stat(stats, "integer_std"), _EPS, None)),
+        np.log(np.clip(_stat(stats, "decimal_std"), _EPS, None)),
+        _stat(stats, "decimal_entropy"),
+        np.log(np.clip(_stat(stats, "integer_peak"), _EPS, 1.0)),
+    ], axis=-1)
+
+
+def _loglinear(stats: Mapping[str, Any]) -> np.ndarray:
+    return np.exp(loglinear_features(stats) @ np.asarray(LOGLINEAR_WEIGHTS) + LOGLINEAR_BIAS)
+
+
+POINT_CANDIDATES["loglinear"] = _loglinear
 
 
 def _top_mean(u: np.ndarray, frac: float) -> np.ndarray:
@@ -111,8 +137,12 @@ def worst_in_most_uncertain(uncertainty: np.ndarray, error: np.ndarray, frac: fl
 # ---------------------------------------------------------------------------------- chosen formula
 POINT_FORMULA = "sum_std"
 FACE_AGGREGATE = "mean"
-POINT_SCALE_PX = 4.0  # point score = exp(-u / POINT_SCALE_PX)
-FACE_SCALE_PX = 4.0  # face/task score = exp(-U / FACE_SCALE_PX)
+# Scores are calibrated probabilities that the prediction needs no correction: a logistic in log uncertainty,
+# P(ok) = 1 / (1 + exp(-(c0 + c1 * ln u))), fitted on the training pool (see the module docstring).
+FACE_OK_NME = 0.05  # a face is "ok" when its inter-ocular NME is at most this
+POINT_OK_IOD = 0.05  # a point is "ok" when its error is at most this share of the inter-ocular distance
+FACE_CALIBRATION = (4.0, -2.0)  # (c0, c1) of the face/task score
+POINT_CALIBRATION = (4.0, -2.0)  # (c0, c1) of the per-point (region) score
 
 
 def point_uncertainty(stats: Mapping[str, Any]) -> np.ndarray:
@@ -137,19 +167,105 @@ def task_uncertainty(face_uncertainties: Iterable[float]) -> float:
     return max(vals)
 
 
+def _calibrated(u: np.ndarray, c0: float, c1: float) -> np.ndarray:
+    u = np.asarray(u, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        z = c0 + c1 * np.log(np.clip(u, 0.0, None))
+        s = 1.0 / (1.0 + np.exp(-z))
+    s = np.where(u <= 0, 1.0, s)
+    return np.where(np.isfinite(u), s, 0.0)
+
+
 def point_scores(point_unc: np.ndarray) -> np.ndarray:
-    """Label Studio per-region scores (0-1], higher = more confident."""
-    u = np.asarray(point_unc, dtype=np.float64)
-    return np.where(np.isfinite(u), np.exp(-np.clip(u, 0.0, None) / POINT_SCALE_PX), 0.0)
+    """Label Studio per-region scores [0, 1] (higher = more confident): the calibrated probability that the
+    point is within ``POINT_OK_IOD`` of the inter-ocular distance of the truth; 0 for +inf/NaN."""
+    return _calibrated(point_unc, *POINT_CALIBRATION)
 
 
 def face_score(face_unc: float) -> float:
-    """Score (0-1] of an uncertainty (face or task), higher = more confident; 0 for +inf/NaN."""
-    u = float(face_unc)
-    return math.exp(-max(u, 0.0) / FACE_SCALE_PX) if math.isfinite(u) else 0.0
+    """Score [0, 1] of a face's or task's uncertainty (higher = more confident): the calibrated probability
+    that its NME is at most ``FACE_OK_NME``; 0 for +inf/NaN, 1 for 0."""
+    return float(_calibrated(np.asarray(float(face_unc)), *FACE_CALIBRATION))
 
 
 def score_to_uncertainty(score: float) -> float:
-    """Inverse of :func:`face_score` (+inf for a score of 0 or less)."""
+    """Inverse of :func:`face_score`: +inf for a score of 0 (or less), 0 for 1 (or more)."""
     s = float(score)
-    return -FACE_SCALE_PX * math.log(s) if s > 0 else math.inf
+    if not s > 0:
+        return math.inf
+    if s >= 1:
+        return 0.0
+    c0, c1 = FACE_CALIBRATION
+    return math.exp((math.log(s / (1.0 - s)) - c0) / c1)
+
+
+def _face_point_uncertainty(face: Any) -> np.ndarray:
+    stats = getattr(face, "stats", None) if not isinstance(face, Mapping) else face.get("stats")
+    if not stats:
+        raise ValueError("the face has no decoder statistics (FacePrediction.stats)")
+    return point_uncertainty(stats)
+
+
+def score_face(face: Any) -> Any:
+    """Set a ``model.predictor.FacePrediction``'s ``point_uncertainty``, ``point_scores``, ``uncertainty`` and
+    ``score`` from its decoder ``stats`` with the chosen formula (in place); returns the face."""
+    pu = _face_point_uncertainty(face)
+    face.point_uncertainty = pu
+    face.point_scores = point_scores(pu)
+    face.uncertainty = float(face_uncertainty(pu))
+    face.score = face_score(face.uncertainty)
+    return face
+
+
+def score_faces(faces: Iterable[Any]) -> list[Any]:
+    """:func:`score_face` on each face; returns them as a list."""
+    return [score_face(f) for f in faces]
+
+
+def task_score(faces: Sequence[Any]) -> float:
+    """The Label Studio prediction ``score`` of a task's faces (0-1, higher = more confident): the score of
+    its most uncertain face, 0 when it has no face. Label Studio's ascending "prediction score" ordering and
+    its uncertainty sampling therefore show the most doubtful tasks first."""
+    return face_score(task_uncertainty(float(face_uncertainty(_face_point_uncertainty(f))) for f in faces))
+
+
+def prediction_scores(faces: Sequence[Any]) -> dict[str, Any]:
+    """Everything the backend needs for one task: ``score`` (the prediction's), ``uncertainty`` (the
+    task's, +inf without a face), and per face ``point_scores`` (K,) for the regions' ``score``."""
+    per_face = [_face_point_uncertainty(f) for f in faces]
+    u = task_uncertainty(float(face_uncertainty(p)) for p in per_face)
+    return {"score": face_score(u), "uncertainty": u, "point_scores": [point_scores(p) for p in per_face],
+            "face_uncertainty": [float(face_uncertainty(p)) for p in per_face]}
+
+
+def per_image_rows(predictions: Sequence[Any], gts: Sequence[Any], scheme: str | int = "300w_68",
+                   images: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Rows ``{"image", "nme", "uncertainty"}`` for ``hih-assist evaluate --per-image FILE.csv``.
+
+    ``predictions[i]``: a ``FacePrediction`` (``.points``, ``.stats``), a dict with ``points`` and ``stats``
+    (and optionally ``image``), or None when no face was found (nme NaN, uncertainty +inf). ``gts[i]``: a
+    ``FaceRecord`` (``.points``, ``.image_path``) or a (K, 2) array. ``images`` names the rows (default: the
+    record's path or the prediction's ``image``, else the index). NME is inter-ocular, a fraction."""
+    from model.metrics import nme
+
+    if len(predictions) != len(gts):
+        raise ValueError(f"{len(predictions)} predictions for {len(gts)} ground truths")
+    rows = []
+    for i, (pred, gt) in enumerate(zip(predictions, gts, strict=True)):
+        gt_pts = np.asarray(getattr(gt, "points", gt), dtype=np.float64)
+        if images is not None:
+            name = str(images[i])
+        elif getattr(gt, "image_path", None) is not None:
+            name = str(gt.image_path)
+        elif isinstance(pred, Mapping) and pred.get("image") is not None:
+            name = str(pred["image"])
+        else:
+            name = str(i)
+        if pred is None:
+            rows.append({"image": name, "nme": float("nan"), "uncertainty": math.inf})
+            continue
+        pts = pred["points"] if isinstance(pred, Mapping) else pred.points
+        e = float(nme(np.asarray(pts, dtype=np.float64), gt_pts, scheme))
+        u = float(face_uncertainty(_face_point_uncertainty(pred)))
+        rows.append({"image": name, "nme": e, "uncertainty": u})
+    return rows

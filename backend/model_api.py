@@ -20,10 +20,12 @@ Hooks that later modules replace (both are looked up at call time):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "BATCH_SIZE",
+    "MAX_PREDICTORS",
     "HIHModel",
     "ModelUnavailableError",
     "TRAINING_EVENTS",
@@ -55,11 +58,13 @@ __all__ = [
     "task_face_boxes",
 ]
 
+MAX_PREDICTORS = 4  # loaded models kept per process (hot-swapped versions push out the oldest)
 BATCH_SIZE = 8  # tasks fetched and run through the network together (bounds memory for big /predict calls)
 TRAINING_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "START_TRAINING")
 
-_lock = threading.Lock()
-_predictors: dict[tuple[str, str, str], Any] = {}
+_lock = threading.Lock()  # guards the caches below
+_load_lock = threading.Lock()  # one model load at a time
+_predictors: OrderedDict[tuple[str, str, str], Any] = OrderedDict()  # LRU, at most MAX_PREDICTORS
 _fetchers: dict[tuple, ImageFetcher] = {}
 _setup_tokens: dict[str, str] = {}  # project number -> access_token that Label Studio sent to /setup
 _last_setup_token: list[str] = []
@@ -90,10 +95,12 @@ def set_weights_resolver(fn: Callable[[str | None, Settings], Path] | None) -> N
 def get_predictor(weights: str | Path, device: str = "auto", detector: str = "auto", threads: int = 0):
     """The process-wide ``Predictor`` for these weights, device and detector (loaded on first use)."""
     key = (str(Path(weights).expanduser().resolve()), device, detector)
-    predictor = _predictors.get(key)
-    if predictor is not None:
-        return predictor
     with _lock:
+        predictor = _predictors.get(key)
+        if predictor is not None:
+            _predictors.move_to_end(key)
+            return predictor
+    with _load_lock:
         predictor = _predictors.get(key)
         if predictor is None:
             import torch
@@ -117,7 +124,11 @@ def get_predictor(weights: str | Path, device: str = "auto", detector: str = "au
                 detector,
                 time.monotonic() - t0,
             )
-            _predictors[key] = predictor
+            with _lock:
+                _predictors[key] = predictor
+                while len(_predictors) > MAX_PREDICTORS:
+                    old, _ = _predictors.popitem(last=False)
+                    log.info("unloaded the model at %s", old[0])
             METRICS.set_model_version(str(predictor.version))
     return predictor
 
@@ -142,7 +153,7 @@ def model_version_of(weights: str | Path, device: str = "auto", detector: str = 
         raise ModelUnavailableError(f"cannot read {meta_path}: {exc}") from None
     if not isinstance(meta, dict):
         raise ModelUnavailableError(f"{meta_path} is not a JSON object")
-    return str(meta.get("version") or Path(key[0]).name)
+    return str(meta.get("version", "unknown"))  # as Predictor.version
 
 
 def get_fetcher(settings: Settings, api_key: str | None = None) -> ImageFetcher:
@@ -196,7 +207,8 @@ def on_training_event(event: str, payload: dict) -> dict | None:
     """Default training hook: log the event. The fine-tuning loop replaces it (``set_training_hook``)."""
     project = payload.get("project")
     pid = project.get("id") if isinstance(project, dict) else project
-    log.info("webhook %s for project %s (training hook not installed: nothing queued)", event, pid)
+    level = logging.INFO if event in TRAINING_EVENTS else logging.DEBUG
+    log.log(level, "webhook %s for project %s (no training hook installed: nothing queued)", event, pid)
     return None
 
 
@@ -282,8 +294,9 @@ class HIHModel:
             self._mapping = parse_label_config(self.label_config)  # type: ignore[arg-type]
         return self._mapping
 
-    @property
+    @functools.cached_property
     def weights(self) -> Path:
+        """The checkpoint this project is served from (asked of the weights resolver once per instance)."""
         return Path(_weights_resolver(self.project_id, self.settings))
 
     @property

@@ -149,10 +149,22 @@ def _scores(u: np.ndarray, e: np.ndarray) -> tuple[float, float]:
     return U.spearman(u, e), U.worst_in_most_uncertain(u, e, 0.10)
 
 
-def _fit_loglinear(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    A = np.c_[X, np.ones(len(X))]
+def _fit_loglinear(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    A = np.c_[x, np.ones(len(x))]
     w, *_ = np.linalg.lstsq(A, y, rcond=None)
     return w
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, iterations: int = 50) -> tuple[float, float]:
+    """Maximum-likelihood (c0, c1) of P(y = 1) = sigmoid(c0 + c1 * x), by Newton's method."""
+    A = np.c_[np.ones(len(x)), x]
+    w = np.zeros(2)
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(A @ w)))
+        grad = A.T @ (y - p)
+        hess = (A * (p * (1 - p))[:, None]).T @ A + 1e-9 * np.eye(2)
+        w = w + np.linalg.solve(hess, grad)
+    return float(w[0]), float(w[1])
 
 
 def select(weights: Path, data: Path, cache: bool) -> dict:
@@ -187,21 +199,34 @@ def select(weights: Path, data: Path, cache: bool) -> dict:
     rows.append({**score_face_u("baseline -mean(integer_peak)", baseline_uncertainty(stats)),
                  "point_spearman": U.spearman(-stats[BASELINE].ravel(), perr.ravel())})
 
-    # A fitted combination, to see whether one measurably beats the simple formulas: least squares of
-    # log NME on the face means of the log statistics, fitted on 4 folds and scored on the fifth.
-    feats = np.stack([np.log(np.clip(stats["integer_std"], 1e-6, None)).mean(-1),
-                      np.log(np.clip(stats["decimal_std"], 1e-6, None)).mean(-1),
-                      stats["decimal_entropy"].mean(-1),
-                      np.log(np.clip(stats["integer_peak"], 1e-6, None)).mean(-1)], axis=1)
-    fitted = np.zeros(len(e))
-    for f in range(FOLDS):
-        w = _fit_loglinear(feats[folds != f], np.log(e[folds != f]))
-        fitted[folds == f] = np.c_[feats[folds == f], np.ones((folds == f).sum())] @ w
-    rows.append({**score_face_u("fitted log-linear(4 stats), out-of-fold", fitted), "point_spearman": None})
+    # Fitted combinations, to see whether one measurably beats the simple formulas: least squares of ln NME
+    # on the faces' mean per-point features (U.loglinear_features), fitted on 4 folds and scored on the fifth.
+    feats = U.loglinear_features(stats).mean(-2)
+    subsets = {"4 stats": [0, 1, 2, 3], "ln integer_std + decimal_entropy": [0, 2],
+               "ln integer_std + ln decimal_std": [0, 1], "ln integer_std + ln integer_peak": [0, 3]}
+    for label, cols in subsets.items():
+        fitted = np.zeros(len(e))
+        for f in range(FOLDS):
+            w = _fit_loglinear(feats[folds != f][:, cols], np.log(e[folds != f]))
+            fitted[folds == f] = np.c_[feats[folds == f][:, cols], np.ones((folds == f).sum())] @ w
+        name = f"fitted log-linear({label}), out-of-fold"
+        rows.append({**score_face_u(name, fitted), "point_spearman": None})
+    w_all = _fit_loglinear(feats, np.log(e))
+    loglinear_fit = {"features": list(U.LOGLINEAR_FEATURES), "weights": [float(v) for v in w_all[:-1]],
+                     "bias": float(w_all[-1])}
     rows.sort(key=lambda r: -r["spearman"])
 
-    # Calibration of the chosen face uncertainty into a probability-like score, on the whole pool.
+    # Calibration of the chosen uncertainties into scores on the whole pool: P(error <= threshold), logistic
+    # in log uncertainty (faces: NME <= FACE_OK_NME; points: error <= POINT_OK_IOD of the inter-ocular).
     chosen = U.face_uncertainty(stats)
+    pu = U.point_uncertainty(stats)
+    face_fit = fit_logistic(np.log(np.clip(chosen, 1e-6, None)), (e <= U.FACE_OK_NME).astype(float))
+    point_ok = (perr.ravel() <= U.POINT_OK_IOD).astype(float)
+    point_fit = fit_logistic(np.log(np.clip(pu.ravel(), 1e-6, None)), point_ok)
+    calibration = {"face": {"c0": face_fit[0], "c1": face_fit[1], "ok_nme": U.FACE_OK_NME,
+                            "ok_rate": float((e <= U.FACE_OK_NME).mean())},
+                   "point": {"c0": point_fit[0], "c1": point_fit[1], "ok_iod": U.POINT_OK_IOD,
+                             "ok_rate": float((perr <= U.POINT_OK_IOD).mean())}}
     out = {
         "weights": str(weights), "faces": {"holdout": int((~is_ytf).sum()), "ytf": int(is_ytf.sum())},
         "folds": FOLDS, "nme_mean": {"holdout": float(e[~is_ytf].mean()), "ytf": float(e[is_ytf].mean())},
@@ -209,6 +234,8 @@ def select(weights: Path, data: Path, cache: bool) -> dict:
         "chosen_quantiles": {q: float(np.quantile(chosen, q / 100)) for q in (10, 25, 50, 75, 90)},
         "point_uncertainty_quantiles": {
             q: float(np.quantile(U.point_uncertainty(stats), q / 100)) for q in (10, 25, 50, 75, 90)},
+        "calibration": calibration,
+        "loglinear_fit_all": loglinear_fit,
         "rows": rows,
     }
     return out
@@ -223,8 +250,11 @@ def print_selection(out: dict) -> None:
         pr = "" if r.get("point_spearman") is None else f"{r['point_spearman']:.3f}"
         print(f"{r['formula']:44s} {r['spearman']:6.3f} {r['spearman_sd']:5.3f} {r['worst10_hit']:6.2f} "
               f"{r['spearman_holdout']:6.3f} {r['spearman_ytf']:6.3f} {pr:>6s}")
+    print(f"calibration: {out['calibration']}")
+    print(f"log-linear fit on the whole pool: {out['loglinear_fit_all']}")
     c = out["chosen"]
-    print(f"chosen: rho {c['spearman']:.3f} hit10 {c['worst10_hit']:.2f}; quantiles {out['chosen_quantiles']}")
+    print(f"chosen: rho {c['spearman']:.3f} hit10 {c['worst10_hit']:.2f}; "
+          f"quantiles {out['chosen_quantiles']}")
 
 
 # ------------------------------------------------------------------------------------------- bench
@@ -245,31 +275,46 @@ def bench(weights: Path, data: Path, cache: bool, plot: Path) -> dict:
             "baseline_integer_peak": {"spearman": rho_b, "worst10_in_top10": hit_b},
             "seconds_per_face": float(pred["seconds_per_face"]),
         }
-        curves[name] = (u, e)
+        curves[name] = {"uncertainty (chosen)": (u, e), "baseline: -mean integer peak": (b, e)}
     _plot(curves, plot)
     out["plot"] = str(plot.relative_to(ROOT)) if plot.is_relative_to(ROOT) else str(plot)
     return out
 
 
-def _plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
+def _plot(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: Path) -> None:
+    """One column per set; rows: the chosen uncertainty, the baseline; NME against the score."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
-    fig = Figure(figsize=(5.0 * len(curves), 4.2), dpi=110)
+    kinds = ["uncertainty (chosen)", "baseline: -mean integer peak"]
+    fig = Figure(figsize=(5.0 * len(curves), 4.0 * len(kinds)), dpi=110)
     FigureCanvasAgg(fig)
-    for i, (name, (u, e)) in enumerate(curves.items()):
-        ax = fig.add_subplot(1, len(curves), i + 1)
-        ax.scatter(u, e * 100, s=6, alpha=0.5)
-        k = max(1, round(len(e) * 0.1))
-        ax.axvline(np.sort(u)[-k], color="tab:red", lw=0.8, ls="--", label="10% most uncertain")
-        ax.axhline(np.sort(e)[-k] * 100, color="tab:orange", lw=0.8, ls=":", label="10% worst NME")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("face uncertainty (crop px)")
-        ax.set_ylabel("NME (%)")
-        ax.set_title(f"{name}: Spearman {U.spearman(u, e):.2f}")
-        ax.grid(True, alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="upper left")
+    for col, (name, per_kind) in enumerate(curves.items()):
+        for row, kind in enumerate(kinds):
+            u, e = per_kind[kind]
+            ax = fig.add_subplot(len(kinds), len(curves), row * len(curves) + col + 1)
+            ax.scatter(u, e * 100, s=6, alpha=0.5, color="tab:blue" if row == 0 else "tab:gray")
+            k = max(1, round(len(e) * 0.1))
+            ax.axvline(np.sort(u)[-k], color="tab:red", lw=0.8, ls="--", label="10% most uncertain")
+            ax.axhline(np.sort(e)[-k] * 100, color="tab:orange", lw=0.8, ls=":", label="10% worst NME")
+            if row == 0:
+                ax.set_xscale("log")
+                ax.xaxis.set_major_formatter(ScalarFormatter())
+                ax.xaxis.set_minor_formatter(ScalarFormatter())
+                ax.set_xlabel("face uncertainty (crop px)")
+            else:
+                ax.set_xlabel("-mean integer-heatmap peak")
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(ScalarFormatter())
+            ax.yaxis.set_minor_formatter(ScalarFormatter())
+            ax.tick_params(axis="both", which="minor", labelsize=6)
+            ax.set_ylabel("NME (%)")
+            hit = U.worst_in_most_uncertain(u, e, 0.10)
+            ax.set_title(f"{name}, {kind}\nSpearman {U.spearman(u, e):.2f}, worst 10% in top 10%: {hit:.2f}",
+                         fontsize=9)
+            ax.grid(True, alpha=0.3, which="both")
+            ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(str(path), format="png")
@@ -277,9 +322,11 @@ def _plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:
 
 def print_bench(out: dict) -> None:
     print(f"uncertainty benchmark, weights {out['weights']} (ground-truth boxes, one pass)")
-    print(f"{'set':16s} {'faces':>5s} {'NME%':>6s} | {'score':22s} {'Spearman':>8s} {'worst10%->top10%':>16s}")
+    print(f"{'set':16s} {'faces':>5s} {'NME%':>6s} | {'score':22s} {'Spearman':>8s} "
+          f"{'worst10%->top10%':>16s}")
+    labels = (("uncertainty (chosen)", "uncertainty"), ("baseline int. peak", "baseline_integer_peak"))
     for name, s in out["sets"].items():
-        for label, key in (("uncertainty (chosen)", "uncertainty"), ("baseline int. peak", "baseline_integer_peak")):
+        for label, key in labels:
             r = s[key]
             print(f"{name:16s} {s['faces']:5d} {s['nme_mean'] * 100:6.2f} | {label:22s} {r['spearman']:8.3f} "
                   f"{r['worst10_in_top10']:16.2f}")
@@ -293,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                    "else runs/default/best)")
     p.add_argument("--data", default=None, help="data folder (default: $HIH_DATA_DIR or ../shared/data)")
     p.add_argument("--no-cache", action="store_true")
-    p.add_argument("--out", default=None, help="JSON output (default: benchmarks/results/uncertainty[_selection].json)")
+    p.add_argument("--out", default=None,
+                   help="JSON output (default: benchmarks/results/uncertainty[_selection].json)")
     args = p.parse_args(argv)
     data = Path(args.data) if args.data else Settings.from_env().data_dir
     if args.weights:

@@ -51,6 +51,7 @@ class TrainOptions:
     device: str = "auto"
     threads: int = 0
     max_steps_per_epoch: int = 0
+    augment: bool = True
     extra: dict = field(default_factory=dict)
 
 
@@ -147,7 +148,7 @@ def train(
         log.info("resumed from %s at epoch %d (best val NME %.4f)", out, start_epoch, best)
 
     t_load = time.time()
-    train_set = FaceCropDataset(train_records, config, scheme, augment=True, seed=options.seed)
+    train_set = FaceCropDataset(train_records, config, scheme, augment=options.augment, seed=options.seed)
     val_set = FaceCropDataset(val_records, config, scheme, augment=False) if val_records else None
     log.info("loaded %d training and %d validation faces in %.1f s", len(train_set),
              len(val_set) if val_set else 0, time.time() - t_load)
@@ -212,7 +213,9 @@ def train(
         msg = f"epoch {epoch + 1}/{options.epochs} loss {record['loss']:.4f} ({record['seconds']:.0f} s)"
         if "val_nme" in record:
             msg += f" val NME {100 * record['val_nme']:.2f}% FR {100 * record['val_fr']:.1f}%"
-        print(msg, flush=True)
+        if progress:
+            print(msg, flush=True)
+        log.info(msg)
         ckpt_meta = {**base_meta, "epoch": epoch + 1, "metrics": {k: v for k, v in record.items()
                                                                    if k.startswith("val_")}}
         save_checkpoint(out / "last", model, {**ckpt_meta, "version": out.name + "-last"})

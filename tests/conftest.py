@@ -16,3 +16,28 @@ def data_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"needs the face data at {path} (set HIH_DATA_DIR)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight toy model (hih_tiny, 300-W 68 points) saved as a real checkpoint folder."""
+    import torch
+
+    from model.checkpoint import save_checkpoint
+    from model.config import get_config
+    from model.network import HIHNet
+
+    torch.manual_seed(0)
+    return save_checkpoint(
+        tmp_path_factory.mktemp("weights") / "tiny", HIHNet(get_config("hih_tiny")),
+        {"scheme": "300w_68", "version": "test-tiny"},
+    )
+
+
+@pytest.fixture(scope="session")
+def trained_weights() -> Path:
+    """The shipped default model; skips where it has not been trained yet."""
+    path = Settings().weights
+    if not (path / "meta.json").is_file():
+        pytest.skip(f"needs the trained default model at {path}")
+    return path

@@ -376,6 +376,32 @@ def test_subset_config_gets_only_its_points(client, images: dict[str, Path]) -> 
     assert {x["from_name"] for x in result[1:]} == {"pts"} and {x["to_name"] for x in result} == {"photo"}
 
 
+def test_weights_resolver_hot_swaps_the_model_per_project(
+    client, tiny_weights: Path, images: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from model.checkpoint import save_checkpoint
+    from model.config import get_config
+    from model.network import HIHNet
+
+    v2 = save_checkpoint(
+        tiny_weights.parent / "v2", HIHNet(get_config("hih_tiny")), {"scheme": "300w_68", "version": "p7-v2"}
+    )
+    monkeypatch.setattr(model_api, "MAX_PREDICTORS", 1)
+    model_api.set_weights_resolver(lambda project, settings: v2 if project == "7" else settings.weights)
+    try:
+        t = [task(1, images["a"], [face_box(30, 20, 80, 70, 120, 90)])]
+        r7 = client.post("/predict", json={"tasks": t, "project": "7.1", "label_config": CONFIG})
+        r1 = client.post("/predict", json={"tasks": t, "project": "1.1", "label_config": CONFIG})
+        assert client.post("/setup", json={"project": "7.5", "schema": CONFIG}).json == {
+            "model_version": "p7-v2"
+        }
+    finally:
+        model_api.set_weights_resolver(None)
+    assert r7.json["model_version"] == r7.json["results"][0]["model_version"] == "p7-v2"
+    assert r1.json["model_version"] == r1.json["results"][0]["model_version"] == "test-tiny"
+    assert len(model_api._predictors) == 1  # the least recently used model was unloaded
+
+
 # ------------------------------------------------------------------------------------------ webhook, auth
 def test_webhook_answers_201_and_reaches_the_training_hook(client) -> None:
     seen: list[tuple[str, dict]] = []
