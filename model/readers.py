@@ -187,11 +187,19 @@ def load_300w_folder(
 
 
 def _load_broken_frames(path: Path) -> dict[str, set[int]]:
-    obj = np.load(path, allow_pickle=True)
-    if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
-        obj = obj.item()
+    """A JSON file {video: [frame numbers]}. The 300-VW ``broken_frames.npy`` is a pickled dict: pickles we
+    did not write are never loaded, so it is refused with a message saying how to convert it."""
+    if path.suffix.lower() == ".npy":
+        raise ValueError(
+            f"{path} is a pickled object array; hih-assist never loads pickles it did not write. Convert it "
+            "once, where you trust it, to JSON {video: [frames]} and pass that file"
+        )
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read broken-frame list: {exc}") from exc
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict video -> list of frame numbers")
+        raise ValueError(f"{path}: expected a JSON object video -> list of frame numbers")
     return {str(k): {int(f) for f in v} for k, v in obj.items()}
 
 
@@ -202,13 +210,14 @@ def load_300vw_folder(
     """Load 300-VW frames: ``<root>/<video>/imgs/<frame>.jpg`` with ``<root>/<video>/annot/<frame>.pts``.
 
     Points are 0-based pixel-centre (x right, y down), converted from the 1-based .pts. Frames listed in
-    the 300-VW ``broken_frames.npy`` (a dict video -> frame numbers whose annotation is known to be wrong)
-    are dropped: ``"auto"`` uses ``<root>/broken_frames.npy`` when present, None keeps every frame.
+    ``broken_frames`` (video -> frame numbers whose annotation is known to be wrong: a dict or a JSON file)
+    are dropped: ``"auto"`` uses ``<root>/broken_frames.json`` when present, None keeps every frame. The
+    dataset's own ``broken_frames.npy`` is a pickle and is never loaded (see ``_load_broken_frames``).
     Records are sorted by video then frame; ``attributes`` holds ``{"video": str, "frame": int}``.
     """
     root = Path(root)
     if broken_frames == "auto":
-        default = root / "broken_frames.npy"
+        default = root / "broken_frames.json"
         broken = _load_broken_frames(default) if default.is_file() else {}
     elif broken_frames is None:
         broken = {}

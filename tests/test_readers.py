@@ -312,7 +312,7 @@ def test_300vw_json_is_1_based_like_its_pts(data_dir: Path) -> None:
     """The evidence for the COCO convention: the 300-VW JSON repeats the 1-based .pts values."""
     root = data_dir / "fixtures" / "300vw"
     from_json = read_coco_keypoints(root / "anno_300vw.json")
-    from_pts = load_300vw_folder(root)
+    from_pts = load_300vw_folder(root, broken_frames={"401": [731]})  # the JSON leaves the broken frame out
     assert [r.image_path for r in from_json] == [r.image_path for r in from_pts]
     for a, b in zip(from_json, from_pts, strict=True):
         np.testing.assert_allclose(a.points, b.points, atol=1e-4)
@@ -324,16 +324,20 @@ def test_300vw_json_is_1_based_like_its_pts(data_dir: Path) -> None:
 
 
 @pytest.mark.data
-def test_load_300vw_fixture_drops_broken_frames(data_dir: Path) -> None:
+def test_load_300vw_fixture_drops_broken_frames(data_dir: Path, tmp_path: Path) -> None:
     root = data_dir / "fixtures" / "300vw"
-    recs = load_300vw_folder(root)
+    with pytest.raises(ValueError, match="never loads pickles"):
+        load_300vw_folder(root, broken_frames=root / "broken_frames.npy")
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps({"401": [731, 722]}))  # the fixture .npy lists 401/731 as broken
+    recs = load_300vw_folder(root, broken_frames=broken)
     assert [(r.attributes["video"], r.attributes["frame"]) for r in recs] == [
         ("001", 6),
         ("001", 9),
         ("401", 732),
     ]
     assert all(r.image_path.is_file() and r.scheme == "300w_68" for r in recs)
-    assert len(load_300vw_folder(root, broken_frames=None)) == 4  # frame 401/731 is listed as broken
+    assert len(load_300vw_folder(root)) == 4  # no broken_frames.json there: every frame
 
 
 def test_load_300vw_synthetic(tmp_path: Path) -> None:
