@@ -170,6 +170,39 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if failed else 0
 
 
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """The backend under gunicorn, plus an RQ worker beside it (and an embedded Redis when REDIS_URL is unset)."""
+    from active_learning.queue import QueueUnavailable, connection_url, get_connection
+    from active_learning.worker import spawn_worker
+    from backend.serve import run_server
+
+    worker = None
+    if not args.no_worker:
+        try:
+            get_connection(settings).ping()  # starts the embedded Redis first, so the worker shares it
+            worker = spawn_worker(settings)
+            log.info("started fine-tune worker pid %d on %s", worker.pid, connection_url(settings))
+        except QueueUnavailable as exc:
+            log.warning("no job queue (%s): serving predictions only; training requests will answer 503", exc)
+    log.info("serving on http://%s:%d (model %s)", settings.host, settings.port, settings.weights)
+    try:
+        return run_server(settings)
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=30)
+            except Exception:  # noqa: BLE001 - a stuck worker is killed
+                worker.kill()
+
+
+def cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    """Print every setting with its variable, current value and meaning."""
+    for variable, default, doc in Settings.table():
+        print(f"{variable:<22} {default:<32} {doc}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hih-assist", description=__doc__)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: $LOG_LEVEL or INFO)")
@@ -216,6 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     model_args(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="the Label Studio ML backend (with a worker and, if needed, embedded Redis)")
+    p.add_argument("--no-worker", action="store_true", help="do not start a fine-tune worker beside it")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("config", help="list the settings (environment variables) and their defaults")
+    p.set_defaults(func=cmd_config)
+
+    from active_learning import cli_finetune, cli_review
+
+    cli_finetune.register(sub)
+    cli_review.register(sub)
     return parser
 
 
