@@ -46,3 +46,18 @@ e2e-deps:
 	PY=$(PY) bash scripts/install_label_studio.sh
 
 test: e2e-deps
+
+# System tools for two tests (headless chromium: tests/e2e/test_demo_screenshot.py; a compose validator:
+# tests/test_docker_config.py), from Debian's packages, only as root with apt-get; elsewhere those tests skip.
+.PHONY: e2e-tools
+e2e-tools:
+	bash scripts/install_test_tools.sh
+
+e2e-deps: e2e-tools
+
+# Label Studio + the backend + a worker on this machine, with a project of pre-annotated faces (scripts/demo.py):
+# `make demo`, or `make demo IMAGES=path/to/faces`. Ctrl-C stops everything it started.
+demo: $(STAMP)
+	$(BIN)/python -c 'import skimage' 2>/dev/null || $(BIN)/pip install -q -e '.[demo]'
+	PY=$(PY) bash scripts/install_label_studio.sh
+	$(BIN)/python scripts/demo.py $(if $(IMAGES),--images "$(IMAGES)")

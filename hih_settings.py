@@ -100,6 +100,13 @@ class Settings:
     finetune_lr: float = field(
         default=5e-4, metadata={"env": "FINETUNE_LR", "doc": "Peak learning rate of a fine-tune job."}
     )
+    finetune_replay: int = field(
+        default=100,
+        metadata={
+            "env": "FINETUNE_REPLAY",
+            "doc": "300-W training faces (from HIH_DATA_DIR, if present) mixed into fine-tuning jobs.",
+        },
+    )
     holdout_fraction: float = field(
         default=0.2,
         metadata={

@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=None, help="default: $FINETUNE_EPOCHS")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: $FINETUNE_LR)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--replay", type=int, default=0, help="300-W training faces to mix in against forgetting")
+    p.add_argument("--replay", type=int, default=None,
+                   help="300-W training faces mixed in against forgetting (default: $FINETUNE_REPLAY)")
     p.add_argument("--check", type=int, default=32, help="300-W faces for the collapse check (0: off)")
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: $HIH_DEVICE")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: $THREADS)")
@@ -70,42 +71,15 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def collect_status(settings: Settings, project: int | None = None) -> dict:
-    """``{"projects": {id: {"current", "versions", "pending", "jobs", "last", "new_annotations"}}}``."""
-    from . import queue, registry
-
-    conn = queue.get_connection(settings)
-    jobs = queue.jobs_by_project(settings, conn)
-    ids = set(registry.list_projects(settings)) | set(queue.seen_projects(settings, conn)) | set(jobs)
-    if project is not None:
-        ids = {project}
-    out: dict = {"queue": settings.queue_name, "redis": settings.redis_url or "embedded", "projects": {}}
-    for pid in sorted(ids):
-        current = registry.current_version(pid, settings, conn)
-        out["projects"][pid] = {
-            "current": current.version if current else "base",
-            "versions": [
-                {"version": v.version, "parent": v.parent, "created": v.created,
-                 "holdout_nme_before": v.extra.get("holdout_nme_before"),
-                 "holdout_nme_after": v.extra.get("holdout_nme_after"), "faces": v.extra.get("faces")}
-                for v in registry.list_versions(pid, settings)
-            ],
-            "pending": queue.pending_job_id(pid, settings, conn),
-            "new_annotations": queue.new_annotations(pid, settings, conn),
-            "jobs": jobs.get(pid, []),
-            "last": queue.last_outcome(pid, settings, conn),
-        }
-    return out
-
-
 def _pct(v) -> str:
     return "-" if v is None else f"{100 * float(v):.2f}%"
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from . import queue as queue_module
+    from .registry import project_status
 
-    report = collect_status(settings, args.project)
+    report = project_status(settings, args.project)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
@@ -160,13 +134,14 @@ def cmd_finetune(args: argparse.Namespace, settings: Settings) -> int:
         batch_size=args.batch_size,
         holdout_fraction=(args.holdout_fraction if args.holdout_fraction is not None
                           else settings.holdout_fraction),
+        replay_faces=args.replay if args.replay is not None else settings.finetune_replay,
         device=args.device or settings.device, threads=args.threads or settings.threads, seed=args.seed,
     )
     out = Path(args.out)
     result = finetune(
         records, args.init, out, options, holdout=holdout,
         check_records=check_records_300w(settings.data_dir, args.check),
-        replay_records=replay_records_300w(settings.data_dir, args.replay),
+        replay_records=replay_records_300w(settings.data_dir, options.replay_faces),
         progress=_print_progress, meta={"data": {"train": args.data, "holdout": args.holdout}},
     )
     out.mkdir(parents=True, exist_ok=True)

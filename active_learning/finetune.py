@@ -7,8 +7,10 @@ Recipe: start from a checkpoint (the project's current version, or the base weig
 of the faces (``split_holdout``: by image, chosen by a hash of the image's key, so a face held out once stays
 held out as the project grows and is never trained on); fine-tune on the rest with the base recipe's losses
 and augmentation (AdamW, warm-up then cosine, BatchNorm statistics frozen by default so that small batches of
-a new domain do not overwrite them), optionally mixing in some 300-W training faces against forgetting; keep
-the weights of the last epoch.
+a new domain do not overwrite them), except mirroring (off by default: a project's annotations may place
+points with a convention that is not mirror-symmetric, e.g. a consistent sub-pixel offset to one side, and
+a mirrored copy would teach the opposite), optionally mixing in some 300-W training faces against forgetting;
+keep the weights of the last epoch.
 
 Gate (``accepted``): the held-out NME of the new weights must not be worse than that of the starting weights
 (``tolerance`` 0), and, when 300-W check faces are given, their NME must not collapse (at most
@@ -17,6 +19,7 @@ Gate (``accepted``): the held-out NME of the new weights must not be worse than 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -35,6 +38,7 @@ from model.losses import decimal_loss, integer_loss
 from model.readers import FaceRecord, load_300w_folder
 from model.schemes import get_scheme
 from model.train import decimal_targets, seed_everything
+from model.transforms import AugmentRanges
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,7 @@ class FinetuneOptions:
     min_holdout: int = 1
     min_train: int = 2
     freeze_bn: bool = True
+    flip: float = 0.0
     replay_faces: int = 0
     integer_loss: str = "soft_ce"
     decimal_weight: float = 1.0
@@ -107,10 +112,10 @@ class FinetuneResult:
         def pct(v: float | None) -> str:
             return "n/a" if v is None else f"{100 * v:.2f}%"
 
-        text = (f"{'ACCEPTED' if self.accepted else 'REJECTED'}: {self.reason}. Held-out NME "
-                f"{pct(self.holdout_nme_before)} -> {pct(self.holdout_nme_after)} on {self.n_holdout} faces")
+        verdict = "ACCEPTED" if self.accepted else "REJECTED"
+        text = f"{verdict}: {self.reason}; {self.n_holdout} held-out faces"
         if self.check_nme_before is not None:
-            text += f"; 300-W check {pct(self.check_nme_before)} -> {pct(self.check_nme_after)}"
+            text += f"; 300-W check NME {pct(self.check_nme_before)} -> {pct(self.check_nme_after)}"
         return text + f"; {self.n_train} training faces, {self.epochs} epochs, {self.seconds:.0f} s"
 
 
@@ -255,7 +260,9 @@ def finetune(
     model, init_meta = load_checkpoint(init, device=device, scheme=scheme.name)
     config = model.config
     replay = [r for r in replay_records if r.points.shape[0] == scheme.num_points]
-    train_set = FaceCropDataset([*train_records, *replay], config, scheme, augment=True, seed=opts.seed)
+    ranges = dataclasses.replace(AugmentRanges(), flip=opts.flip)
+    train_set = FaceCropDataset([*train_records, *replay], config, scheme, augment=True, ranges=ranges,
+                                seed=opts.seed)
     held_set = FaceCropDataset(held, config, scheme, augment=False)
     check_set = FaceCropDataset(list(check_records), config, scheme, augment=False) if check_records else None
 

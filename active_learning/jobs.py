@@ -17,7 +17,8 @@ of its own environment. Steps (each visible in ``job.meta``: ``state``, ``stage`
    ``x_px = x% / 100 * width - 0.5``;
 4. fine-tune the project's current version (or the base weights ``HIH_WEIGHTS``) with
    ``active_learning.finetune`` and gate it (held-out NME must not get worse; 300-W check faces from
-   ``HIH_DATA_DIR`` when present must not collapse);
+   ``HIH_DATA_DIR`` when present must not collapse; ``FINETUNE_REPLAY`` 300-W training faces from there are
+   mixed in against forgetting);
 5. accepted: publish it as the project's next version (``active_learning.registry``), then write predictions
    of the new version for the annotated tasks to Label Studio and set the project's ``model_version`` to it
    (Label Studio 1.23 refuses a version with no predictions in the project); a refusal is recorded in the
@@ -55,7 +56,13 @@ from model.readers import FaceRecord
 from model.schemes import SCHEME_300W, LandmarkScheme
 
 from . import registry
-from .finetune import FinetuneDataError, FinetuneOptions, check_records_300w, finetune
+from .finetune import (
+    FinetuneDataError,
+    FinetuneOptions,
+    check_records_300w,
+    finetune,
+    replay_records_300w,
+)
 from .ls_client import ImageFetchError, LabelStudioClient, LabelStudioError
 from .queue import clear_pending, get_connection, key, record_outcome
 
@@ -308,7 +315,7 @@ def finetune_options(settings: Settings) -> FinetuneOptions:
     """The job's recipe from settings (epochs, learning rate, hold-out share, device, threads)."""
     return FinetuneOptions(
         epochs=settings.finetune_epochs, lr=settings.finetune_lr, holdout_fraction=settings.holdout_fraction,
-        device=settings.device, threads=settings.threads,
+        replay_faces=settings.finetune_replay, device=settings.device, threads=settings.threads,
     )
 
 
@@ -344,10 +351,14 @@ def finetune_project(
         outcome.update(job_id=job_id, project=project_id, started=started,
                        ended=datetime.now(UTC).isoformat(timespec="seconds"))
         record_outcome(project_id, outcome, settings, conn)
-        progress(**{k: v for k, v in outcome.items() if k in ("state", "reason", "version", "stage")})
+        progress(stage="done", **{k: v for k, v in outcome.items() if k in ("state", "reason", "version")})
         return outcome
     except (LabelStudioError, FinetuneDataError, FinetuneJobError, registry.RegistryError) as exc:
         return _fail(project_id, job_id, str(exc), settings, conn, progress, started, exc)
+    except BaseException as exc:  # a bug, Redis down, RQ's timeout: record why, then let RQ see it as it is
+        with contextlib.suppress(Exception):
+            _fail(project_id, job_id, f"{type(exc).__name__}: {exc}", settings, conn, progress, started, exc)
+        raise
     finally:
         keeper.stop()
         with contextlib.suppress(redis.RedisError):
@@ -396,10 +407,12 @@ def _run(project_id, settings, job_id, client, conn, options, progress, work: Pa
         raise FinetuneJobError(f"the model to fine-tune is missing: {init} (set HIH_WEIGHTS)")
     opts = options or finetune_options(settings)
     check = check_records_300w(settings.data_dir, CHECK_FACES)
+    replay = replay_records_300w(settings.data_dir, opts.replay_faces)
     progress(state="training", stage="preparing", parent=parent.version if parent else "base",
              faces=len(records), skipped=_skipped_text(skipped))
     result = finetune(
-        records, init, work / "candidate", opts, check_records=check, progress=progress.training,
+        records, init, work / "candidate", opts, check_records=check, replay_records=replay,
+        progress=progress.training,
         meta={"project": project_id, "job_id": job_id},
     )
     numbers = {

@@ -206,13 +206,16 @@ def preannotate_project(
         "written": 0, "failed": 0, "batches": 0, "started": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
+    progress["_ok"] = set()  # tasks written by this run (internal, not reported)
+
     def report() -> None:
         progress["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
+        public = {k: v for k, v in progress.items() if not k.startswith("_")}
         if job is not None:
-            job.meta.update(progress)
+            job.meta.update(public)
             job.save_meta()
         if on_progress is not None:
-            on_progress(dict(progress))
+            on_progress(public)
 
     failed: set[int] = set()
     first = True
@@ -238,22 +241,20 @@ def preannotate_project(
                 continue
             progressed = True
             try:
-                written = _predict_and_write(api, conn, ns, project_id, version, mine, predict, progress)
+                _predict_and_write(api, conn, ns, project_id, version, mine, predict, progress)
             except VersionChangedError as exc:
                 _release(conn, mine_keys, token)
                 progress["state"] = f"stopped: {exc}"
                 report()
                 log.warning("project %d: %s", project_id, exc)
-                return progress
+                return {k: v for k, v in progress.items() if not k.startswith("_")}
             except (requests.RequestException, RuntimeError, LabelStudioAPIError) as exc:
                 log.warning("project %d: batch of %d tasks failed: %s", project_id, len(mine), exc)
-                failed.update(int(t["id"]) for t in mine)
+                failed.update(int(t["id"]) for t in mine if int(t["id"]) not in progress["_ok"])
                 progress["failed"] = len(failed)
                 _release(conn, mine_keys, token)
                 report()
                 continue
-            progress["written"] += written
-            progress["done"] += written
             progress["batches"] += 1
             report()
         if not progressed:
@@ -267,12 +268,12 @@ def preannotate_project(
     report()
     log.info("project %d, version %s: %d tasks, %d written now, %d had one, %d failed", project_id, version,
              progress["total"], progress["written"], progress["existing"], progress["failed"])
-    return progress
+    return {k: v for k, v in progress.items() if not k.startswith("_")}
 
 
 def _predict_and_write(api: LabelStudioAPI, conn: Any, ns: str, project_id: int, version: str,
-                       tasks: list[dict[str, Any]], predict: Callable, progress: dict[str, Any]) -> int:
-    """Predict one claimed batch and write what is still missing; returns how many were written."""
+                       tasks: list[dict[str, Any]], predict: Callable, progress: dict[str, Any]) -> None:
+    """Predict one claimed batch and write what is still missing, counting each write in ``progress``."""
     preds = predict([{"id": int(t["id"]), "data": t.get("data") or {}} for t in tasks])
     if len(preds) != len(tasks):
         raise RuntimeError(f"{len(preds)} predictions for {len(tasks)} tasks")
@@ -281,21 +282,23 @@ def _predict_and_write(api: LabelStudioAPI, conn: Any, ns: str, project_id: int,
         now = ", ".join(sorted(changed))
         raise VersionChangedError(f"the ML backend now predicts with {now}, not {version}: "
                                   "run the job again for the new version")
-    written = 0
     ranked: dict[str, float] = {}
-    for task, pred in zip(tasks, preds, strict=True):
-        tid = int(task["id"])
-        # Check again right before writing: another copy, or an earlier run, may have written it meanwhile.
-        if any(p.get("model_version") == version for p in api.predictions(task_id=tid)):
-            continue
-        score = pred.get("score")
-        api.create_prediction(tid, pred.get("result") or [], score, version)
-        written += 1
-        if score is not None and math.isfinite(float(score)):
-            ranked[str(tid)] = min(score_to_uncertainty(float(score)), 1e300)
-    if conn is not None and ranked:
-        conn.zadd(review_key(ns, project_id, version), ranked)
-    return written
+    try:
+        for task, pred in zip(tasks, preds, strict=True):
+            tid = int(task["id"])
+            # Check again right before writing: another copy, or an earlier run, may have written it.
+            if any(p.get("model_version") == version for p in api.predictions(task_id=tid)):
+                continue
+            score = pred.get("score")
+            api.create_prediction(tid, pred.get("result") or [], score, version)
+            progress["written"] += 1
+            progress["done"] += 1
+            progress["_ok"].add(tid)
+            if score is not None and math.isfinite(float(score)):
+                ranked[str(tid)] = min(score_to_uncertainty(float(score)), 1e300)
+    finally:
+        if conn is not None and ranked:
+            conn.zadd(review_key(ns, project_id, version), ranked)
 
 
 # ------------------------------------------------------------------------------------------ RQ glue

@@ -45,6 +45,7 @@ __all__ = [
     "list_versions",
     "load_path",
     "parse_version",
+    "project_status",
     "publish",
     "rollback",
     "version_name",
@@ -319,3 +320,37 @@ def rollback(
                        parent=info.parent, created=info.created, extra={})
     _set_pointer(info, project_id, "rollback", settings, conn)
     return info
+
+
+# ------------------------------------------------------------------------------------------- overview
+def project_status(settings: Settings | None = None, project: int | None = None) -> dict:
+    """Versions and jobs per project, for ``hih-assist status`` and ``/metrics``.
+
+    ``{"queue", "redis", "projects": {id: {"current", "versions": [...], "pending", "new_annotations",
+    "jobs": [...], "last"}}}``; ``current`` is ``base`` when no version is current. Raises
+    ``QueueUnavailable`` when Redis is down."""
+    from . import queue
+
+    settings = _settings(settings)
+    conn = queue.get_connection(settings)
+    jobs = queue.jobs_by_project(settings, conn)
+    ids = set(list_projects(settings)) | set(queue.seen_projects(settings, conn)) | set(jobs)
+    if project is not None:
+        ids = {int(project)}
+    out: dict = {"queue": settings.queue_name, "redis": settings.redis_url or "embedded", "projects": {}}
+    for pid in sorted(ids):
+        current = current_version(pid, settings, conn)
+        out["projects"][pid] = {
+            "current": current.version if current else "base",
+            "versions": [
+                {"version": v.version, "parent": v.parent, "created": v.created,
+                 "holdout_nme_before": v.extra.get("holdout_nme_before"),
+                 "holdout_nme_after": v.extra.get("holdout_nme_after"), "faces": v.extra.get("faces")}
+                for v in list_versions(pid, settings)
+            ],
+            "pending": queue.pending_job_id(pid, settings, conn),
+            "new_annotations": queue.new_annotations(pid, settings, conn),
+            "jobs": jobs.get(pid, []),
+            "last": queue.last_outcome(pid, settings, conn),
+        }
+    return out

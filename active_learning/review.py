@@ -18,9 +18,8 @@ The Data Manager tab "Review: most uncertain" (``POST``/``PATCH /api/dm/views``)
 Studio lists the most doubtful first. Label Studio computes that column only from predictions of the
 project's ``model_version``, which is therefore set to the ranked version when the tab is written.
 
-Label Studio access goes through :class:`LabelStudioAPI`, a minimal REST client (legacy ``Token`` or a
-personal access token refreshed into ``Bearer``), kept here because ``active_learning.ls_client`` did not
-exist when this was written.
+Label Studio access goes through :class:`LabelStudioAPI`: the shared ``active_learning.ls_client`` client
+(credentials, errors) plus the calls it lacks (light task listing, ML backends, Data Manager views).
 """
 
 from __future__ import annotations
@@ -35,6 +34,8 @@ from typing import Any
 
 import requests
 
+from active_learning.ls_client import LabelStudioClient
+from active_learning.ls_client import LabelStudioError as LabelStudioAPIError
 from active_learning.uncertainty import score_to_uncertainty
 
 log = logging.getLogger(__name__)
@@ -63,66 +64,38 @@ DEFAULT_NAMESPACE = "hih-assist"
 
 
 # ------------------------------------------------------------------------------------- Label Studio
-class LabelStudioAPIError(RuntimeError):
-    """A Label Studio API call failed (the message holds the method, path, status and body)."""
-
-
 class LabelStudioAPI:
-    """Just the Label Studio REST calls the review queue and pre-annotation need.
+    """The Label Studio calls of the review queue and pre-annotation.
 
-    ``api_key``: a legacy token (sent as ``Token``) or a personal access token, i.e. a JWT refresh token,
-    exchanged at ``POST /api/token/refresh/`` for a short-lived access token (sent as ``Bearer``, refreshed
-    when it expires).
+    Authentication, errors (``LabelStudioAPIError`` = ``active_learning.ls_client.LabelStudioError``) and the
+    common calls go through the shared ``LabelStudioClient``; this adds the few it lacks: a light task listing
+    (``include`` only the needed fields, optionally through a Data Manager view), the project's ML backends
+    and the Data Manager views.
     """
 
-    def __init__(self, url: str, api_key: str, timeout: float = 60.0,
-                 session: requests.Session | None = None):
-        if not url:
+    def __init__(self, url: str, api_key: str, client: LabelStudioClient | None = None):
+        if not (client.url if client is not None else url):
             raise ValueError("no Label Studio URL (set LABEL_STUDIO_URL)")
-        if not api_key:
+        if not (api_key or client is not None):
             raise ValueError("no Label Studio API key (set LABEL_STUDIO_API_KEY)")
-        self.url = url.rstrip("/")
+        self.client = client or LabelStudioClient(url, api_key)
+        self.url = self.client.url
         self.api_key = api_key
-        self.timeout = timeout
-        self.session = session or requests.Session()
-        self._jwt = api_key.count(".") == 2
-        self._access: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Any) -> LabelStudioAPI:
-        return cls(settings.label_studio_url, settings.label_studio_api_key)
+        return cls(settings.label_studio_url, settings.label_studio_api_key,
+                   LabelStudioClient.from_settings(settings) if settings.label_studio_url else None)
 
-    def _auth(self, refresh: bool = False) -> dict[str, str]:
-        if not self._jwt:
-            return {"Authorization": f"Token {self.api_key}"}
-        if self._access is None or refresh:
-            r = self.session.post(f"{self.url}/api/token/refresh/", json={"refresh": self.api_key},
-                                  timeout=self.timeout)
-            if r.status_code != 200:
-                raise LabelStudioAPIError(f"POST /api/token/refresh/ -> {r.status_code}: {r.text[:500]}")
-            self._access = r.json()["access"]
-        return {"Authorization": f"Bearer {self._access}"}
-
-    def request(self, method: str, path: str, *, ok: Iterable[int] = (200, 201, 204), **kwargs: Any) -> Any:
-        kwargs.setdefault("timeout", self.timeout)
-        r = self.session.request(method, f"{self.url}{path}", headers=self._auth(), **kwargs)
-        if r.status_code == 401 and self._jwt:
-            r = self.session.request(method, f"{self.url}{path}", headers=self._auth(refresh=True), **kwargs)
-        if r.status_code not in set(ok):
-            raise LabelStudioAPIError(f"{method} {path} -> {r.status_code}: {r.text[:1000]}")
-        if not r.content:
-            return None
-        try:
-            return r.json()
-        except ValueError:
-            return r.text
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.client.request(method, path, **kwargs)
 
     # -- projects
     def project(self, project_id: int) -> dict[str, Any]:
-        return self.request("GET", f"/api/projects/{int(project_id)}")
+        return self.client.get_project(project_id)
 
     def set_model_version(self, project_id: int, version: str) -> None:
-        self.request("PATCH", f"/api/projects/{int(project_id)}", json={"model_version": version})
+        self.client.set_model_version(project_id, version)
 
     def ml_backends(self, project_id: int) -> list[dict[str, Any]]:
         return self.request("GET", "/api/ml", params={"project": int(project_id)}) or []
@@ -130,7 +103,8 @@ class LabelStudioAPI:
     # -- tasks and predictions
     def iter_tasks(self, project_id: int, include: Sequence[str] = ("id",), page_size: int = 500,
                    view: int | None = None) -> Iterator[dict[str, Any]]:
-        """The project's tasks, page by page (``GET /api/tasks``) with only the ``include`` fields."""
+        """The project's tasks, page by page (``GET /api/tasks``) with only the ``include`` fields (no
+        annotation or prediction bodies), in the order of Data Manager ``view`` when given."""
         page, seen = 1, 0
         while True:
             params: dict[str, Any] = {"project": int(project_id), "page": page, "page_size": page_size,
@@ -147,14 +121,11 @@ class LabelStudioAPI:
             page += 1
 
     def predictions(self, project_id: int | None = None, task_id: int | None = None) -> list[dict[str, Any]]:
-        params = {"project": int(project_id)} if task_id is None else {"task": int(task_id)}
-        return self.request("GET", "/api/predictions", params=params) or []
+        return self.client.list_predictions(project_id=project_id, task_id=task_id)
 
     def create_prediction(self, task_id: int, result: list, score: float | None, model_version: str) -> dict:
-        body: dict[str, Any] = {"task": int(task_id), "result": result, "model_version": model_version}
-        if score is not None and math.isfinite(float(score)):
-            body["score"] = float(score)
-        return self.request("POST", "/api/predictions", json=body)
+        ok = score is not None and math.isfinite(float(score))
+        return self.client.create_prediction(task_id, result, model_version, float(score) if ok else None)
 
     # -- Data Manager views
     def views(self, project_id: int) -> list[dict[str, Any]]:

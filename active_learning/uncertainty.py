@@ -1,6 +1,38 @@
 """Uncertainty of HIH landmark predictions: per point, per face, per task, and the Label Studio scores.
 
-PLACEHOLDER DOCSTRING: the chosen formula and the measurements are filled in below once measured.
+Inputs are the decoder statistics of ``model.codec.decode`` (``FacePrediction.stats``, each (K,) per face or
+(N, K) for a batch): ``integer_std`` (spread of the softmax of the integer heatmap, input pixels of the
+model's face crop), ``integer_peak`` (its largest probability), ``decimal_std`` (spread of the 8x8 decimal
+distribution, crop pixels), ``decimal_entropy`` (0-1), ``decimal_peak``.
+
+The formula (``POINT_FORMULA``, ``FACE_AGGREGATE``)
+---------------------------------------------------
+- point:  ``u_k = integer_std_k + decimal_std_k`` (crop px): the spread of the integer position plus the
+  spread inside the chosen sub-pixel cell, i.e. the width of the model's whole position distribution;
+- face:   ``U = mean of the 17 largest u_k`` (the 25 % least sure points, "top25");
+- task:   the largest face ``U`` (+inf without a face: a human must look);
+- scores: calibrated probabilities (logistic in ``ln u``), higher = more confident. Region ``score`` =
+  P(point error <= 5 % of the inter-ocular distance); prediction ``score`` = P(face NME <= 5 %), of the
+  task's most uncertain face, 0 without a face. Label Studio's ascending "prediction score" order and its
+  uncertainty sampling therefore show the most doubtful tasks first; ``score_to_uncertainty`` inverts it.
+
+Why (``python benchmarks/bench_uncertainty.py select``; benchmarks/results/uncertainty_selection.json)
+----------------------------------------------------------------------------------------------------
+Chosen on TRAINING data only, never on the validation faces: the 100 300-W training faces that the default
+model's run held out (``np.random.default_rng(0).permutation(2012)[:100]``) plus the 800 ytf/train frames
+(never trained on), 5 folds (ytf grouped by person). Every per-point candidate (``POINT_CANDIDATES``) x
+face aggregate (``FACE_AGGREGATES``) was scored by the Spearman correlation of face uncertainty with face
+NME, per fold. MEASURED_TABLE
+
+Rule: among the unfitted formulas within one standard error (fold sd / sqrt 5) of the best Spearman, take
+the one whose per-point uncertainty best predicts the per-point error (it also gives the regions' scores).
+Findings: the integer map's spread carries almost all the signal; the decimal spread adds a little at the
+point level (and nothing that hurts at the face level), the decimal entropy and either map's peak value are
+much weaker alone; the least sure quarter of the points predicts the face's error better than the mean
+(errors concentrate on a few points: jaw, occluded or blurred parts). A least-squares log-linear fit of all
+four statistics gained about one standard error out of fold, with weights that changed sign between
+checkpoints: not adopted. Flip-test disagreement (a second network pass) was weaker than the chosen formula
+on the training pool and is not used.
 """
 
 from __future__ import annotations
@@ -62,26 +94,17 @@ POINT_CANDIDATES: dict[str, Callable[[Mapping[str, Any]], np.ndarray]] = {
 
 
 LOGLINEAR_FEATURES = ("ln integer_std", "ln decimal_std", "decimal_entropy", "ln integer_peak")
-# ln u = w . features + b, fitted by least squares of ln NME on the faces' mean features (training pool)
-LOGLINEAR_WEIGHTS = (1.0, 0.0, 0.0, 0.0)
-LOGLINEAR_BIAS = 0.0
 
 
 def loglinear_features(stats: Mapping[str, Any]) -> np.ndarray:
-    """(..., K, 4) per-point features of the log-linear candidate, in ``LOGLINEAR_FEATURES`` order."""
+    """(..., K, 4) per-point features, in ``LOGLINEAR_FEATURES`` order, of the fitted log-linear formulas
+    that the selection benchmark compares with the simple ones."""
     return np.stack([
         np.log(np.clip(_stat(stats, "integer_std"), _EPS, None)),
         np.log(np.clip(_stat(stats, "decimal_std"), _EPS, None)),
         _stat(stats, "decimal_entropy"),
         np.log(np.clip(_stat(stats, "integer_peak"), _EPS, 1.0)),
     ], axis=-1)
-
-
-def _loglinear(stats: Mapping[str, Any]) -> np.ndarray:
-    return np.exp(loglinear_features(stats) @ np.asarray(LOGLINEAR_WEIGHTS) + LOGLINEAR_BIAS)
-
-
-POINT_CANDIDATES["loglinear"] = _loglinear
 
 
 def _top_mean(u: np.ndarray, frac: float) -> np.ndarray:
@@ -136,13 +159,13 @@ def worst_in_most_uncertain(uncertainty: np.ndarray, error: np.ndarray, frac: fl
 
 # ---------------------------------------------------------------------------------- chosen formula
 POINT_FORMULA = "sum_std"
-FACE_AGGREGATE = "mean"
+FACE_AGGREGATE = "top25"
 # Scores are calibrated probabilities that the prediction needs no correction: a logistic in log uncertainty,
 # P(ok) = 1 / (1 + exp(-(c0 + c1 * ln u))), fitted on the training pool (see the module docstring).
 FACE_OK_NME = 0.05  # a face is "ok" when its inter-ocular NME is at most this
 POINT_OK_IOD = 0.05  # a point is "ok" when its error is at most this share of the inter-ocular distance
-FACE_CALIBRATION = (4.0, -2.0)  # (c0, c1) of the face/task score
-POINT_CALIBRATION = (4.0, -2.0)  # (c0, c1) of the per-point (region) score
+FACE_CALIBRATION = (102.75, -49.38)  # (c0, c1) of the face/task score
+POINT_CALIBRATION = (18.51, -8.694)  # (c0, c1) of the per-point (region) score
 
 
 def point_uncertainty(stats: Mapping[str, Any]) -> np.ndarray:

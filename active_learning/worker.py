@@ -82,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.from_env()
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_worker(settings, burst=args.burst, name=args.name)
+    # through the package module, not this __main__ copy: work horses read its worker_pid()
+    from active_learning import worker
+
+    worker.run_worker(settings, burst=args.burst, name=args.name)
     return 0
 
 

@@ -14,8 +14,9 @@ Routes (payloads as Label Studio 1.23 sends them; see ../shared/DESIGN.md):
 
 Every error answers JSON ``{"error": "..."}``: 400 for a malformed request (bad JSON, wrong types, missing
 keys), 401 without the basic-auth credentials (when ``BASIC_AUTH_USER`` is set), 422 for a label config the
-backend cannot serve, 503 when the model weights are missing; an unexpected failure is logged with its
-traceback and answered 500 with a one-line message, never the traceback.
+backend cannot serve, 503 when the model weights are missing or when the training queue (Redis) is down (a
+webhook is then refused with the reason; predictions do not need Redis); an unexpected failure is logged
+with its traceback and answered 500 with a one-line message, never the traceback.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 from flask import Flask, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from active_learning.queue import QueueUnavailable
 from backend import model_api
 from backend.label_config import LabelConfigError
 from backend.metrics import METRICS
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 __all__ = ["RequestError", "create_app"]
 
 MAX_REQUEST_BYTES = 256 * 1024 * 1024  # /predict bodies hold whole tasks with their annotations
+MAX_SCHEMAS = 1024  # label configs remembered from /setup (oldest forgotten first)
 _OPEN_ROUTES = ("/", "/health")
 _schemas: dict[str, str] = {}  # project number -> label config seen at /setup (when /predict omits it)
 _schemas_lock = threading.Lock()
@@ -63,6 +66,8 @@ def _json_body() -> dict[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise RequestError("the request body is not valid JSON: it is nested too deeply") from None
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
     return body
@@ -148,6 +153,15 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fla
         log.error("model unavailable: %s", exc)
         return jsonify(error=f"model unavailable: {exc} (set HIH_WEIGHTS or train the default model)"), 503
 
+    @app.errorhandler(QueueUnavailable)
+    def _no_queue(exc: QueueUnavailable):
+        log.error("%s %s: training queue unavailable: %s", request.method, request.path, exc)
+        return jsonify(
+            error=f"training queue unavailable, event not queued: {exc} (predictions still work; "
+            "Label Studio's annotations are re-read when the next training job runs, so send the event or "
+            "START_TRAINING again once Redis is back)"
+        ), 503
+
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception):
         log.exception("%s %s failed", request.method, request.path)
@@ -191,7 +205,10 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fla
         number = model_api.project_number(project)
         if number:
             with _schemas_lock:
+                _schemas.pop(number, None)
                 _schemas[number] = schema
+                while len(_schemas) > MAX_SCHEMAS:
+                    del _schemas[next(iter(_schemas))]
         if warm_up:
             _warm_up(model)
         return jsonify(model_version=version)

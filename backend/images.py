@@ -9,9 +9,13 @@
   ``/tasks/<task_id>/resolve/?fileuri=<base64>``, which proxies or redirects to a presigned URL;
 * http(s) URLs on hosts listed in ``ALLOWED_IMAGE_HOSTS`` (sent without credentials); any other host is
   refused, so that task data cannot make the backend fetch from arbitrary addresses;
-* ``data:image/...;base64,`` URIs, ``file://`` URLs and local paths.
+* ``data:image/...;base64,`` URIs, ``file://`` URLs and local paths (regular files only, never under the
+  kernel's pseudo file systems ``/proc``, ``/sys``, ``/dev``, whose files can block or never end).
 
-Downloads are streamed with connect/read timeouts and stop at ``MAX_IMAGE_BYTES``. Every failure raises
+Downloads are streamed with connect/read timeouts, a deadline for the whole download (``TOTAL_TIMEOUT``), and
+stop at ``MAX_IMAGE_BYTES``; images with more pixels than ``PIL.Image.MAX_IMAGE_PIXELS``, or in a format
+other than the photo formats of ``IMAGE_FORMATS`` (no EPS, which Pillow hands to Ghostscript), are refused
+from their header, before decoding. Every failure raises
 ``ImageFetchError`` with a short ``reason`` (for metrics) and a message that says what to fix, e.g.
 ``Label Studio refused the image download (HTTP 401): LABEL_STUDIO_API_KEY is wrong or missing``.
 """
@@ -20,8 +24,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import logging
+import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -29,6 +36,8 @@ from urllib.parse import unquote, urljoin, urlsplit
 
 import numpy as np
 import requests
+import urllib3
+from PIL import Image
 
 from model.image_io import ImageError, load_image
 
@@ -38,6 +47,10 @@ __all__ = ["ImageFetchError", "ImageFetcher", "LabelStudioAuth", "is_jwt_refresh
 
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0
+TOTAL_TIMEOUT = 60.0  # a whole download, however slowly the server drips it (Label Studio waits 100 s)
+_PSEUDO_FS = ("/proc", "/sys", "/dev")
+# Pillow's names of the formats accepted (browsers show these in Label Studio; TIFF/PPM for 16-bit sources)
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "AVIF", "JPEG2000", "PPM", "ICO")
 MAX_REDIRECTS = 5
 CHUNK = 64 * 1024
 _LS_PREFIXES = ("/data/", "/storage-data/", "/tasks/", "/projects/")
@@ -150,9 +163,26 @@ class LabelStudioAuth:
 
 # ---------------------------------------------------------------------------------------- fetching
 def _host_port(url: str) -> tuple[str, int | None]:
-    parts = urlsplit(url)
-    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
-    return (parts.hostname or "").lower(), port
+    """The (host, port) an http(s) URL connects to, or ``("", None)`` -- trusted by nobody -- when the URL is
+    ambiguous: control characters, or user info, backslashes, spaces or escapes in its authority, or
+    urllib's reading (which decides here) differing from urllib3's (which requests connects with), as for
+    ``http://internal:1\\@labelstudio:8080/``."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in url):
+        return "", None
+    try:
+        parts = urlsplit(url)
+        authority = parts.netloc
+        if not authority.isascii() or any(c in authority for c in "@\\% "):
+            return "", None
+        default = {"http": 80, "https": 443}.get(parts.scheme.lower())
+        port = parts.port or default
+        host = (parts.hostname or "").lower()
+        connects = urllib3.util.parse_url(url)
+    except ValueError:  # a port that is not a number, a malformed IPv6 address (urllib3's errors included)
+        return "", None
+    if (connects.host or "").strip("[]").lower() != host or (connects.port or default) != port:
+        return "", None
+    return host, port
 
 
 class ImageFetcher:
@@ -165,10 +195,12 @@ class ImageFetcher:
         allowed_hosts: str | list[str] = "",
         max_bytes: int = 50 * 1024 * 1024,
         timeout: tuple[float, float] = (CONNECT_TIMEOUT, READ_TIMEOUT),
+        total_timeout: float = TOTAL_TIMEOUT,
     ):
         self.label_studio_url = (label_studio_url or "").rstrip("/")
         self.max_bytes = int(max_bytes)
         self.timeout = timeout
+        self.total_timeout = float(total_timeout)
         if isinstance(allowed_hosts, str):
             allowed_hosts = [h for h in allowed_hosts.split(",")]
         self.allowed_hosts = {h.strip().lower() for h in allowed_hosts if h.strip()}
@@ -228,20 +260,71 @@ class ImageFetcher:
             data, source = self._read_file(path), str(path)
         else:
             raise ImageFetchError("forbidden_host", f"unsupported image URL scheme {scheme!r}: {url}")
+        self._check_header(data, source)
         try:
             return load_image(data)
         except ImageError as exc:
             raise ImageFetchError("unreadable", f"cannot read the image {source}: {exc}") from exc
 
-    def _read_file(self, path: Path) -> bytes:
-        if not path.is_file():
-            raise ImageFetchError("not_found", f"image file not found: {path}")
-        size = path.stat().st_size
-        if size > self.max_bytes:
+    @staticmethod
+    def _check_header(data: bytes, source: str) -> None:
+        """Refuse, from its header and without decoding it, an image in a format outside ``IMAGE_FORMATS`` or
+        with more than ``Image.MAX_IMAGE_PIXELS`` pixels (Pillow itself only refuses twice that); anything
+        unreadable is left to ``load_image`` to report."""
+        limit = Image.MAX_IMAGE_PIXELS
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                pixels, fmt = im.width * im.height, im.format
+        except Image.DecompressionBombError as exc:
+            raise ImageFetchError("too_large", f"image {source}: {exc}") from None
+        except Exception:  # noqa: BLE001 - load_image says what is wrong with it
+            return
+        if fmt not in IMAGE_FORMATS:
             raise ImageFetchError(
-                "too_large", f"image {path} is {size} bytes, over MAX_IMAGE_BYTES={self.max_bytes}"
+                "unreadable", f"image {source} is {fmt}, not an accepted format ({', '.join(IMAGE_FORMATS)})"
             )
-        return path.read_bytes()
+        if limit and pixels > limit:
+            raise ImageFetchError(
+                "too_large",
+                f"image {source} has {pixels} pixels, over the limit of {limit} (a decompression bomb?)",
+            )
+
+    def _read_file(self, path: Path) -> bytes:
+        shown = str(path) if len(str(path)) <= 300 else str(path)[:300] + "..."
+        try:
+            real = path.resolve()
+            is_file = real.is_file()
+        except (OSError, RuntimeError, ValueError) as exc:
+            reason = type(exc).__name__
+            raise ImageFetchError("not_found", f"image file not found: {shown} ({reason})") from None
+        if any(real == Path(p) or Path(p) in real.parents for p in _PSEUDO_FS):
+            raise ImageFetchError("forbidden_host", f"refusing to read {shown}: not an image file")
+        if not is_file:
+            raise ImageFetchError("not_found", f"image file not found: {shown}")
+        try:
+            # O_NONBLOCK: a FIFO swapped in after the check must not block the open
+            fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+            with os.fdopen(fd, "rb") as fh:
+                st = os.fstat(fh.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise ImageFetchError("not_found", f"image file not found: {shown} (not a regular file)")
+                if st.st_size > self.max_bytes:
+                    raise ImageFetchError(
+                        "too_large",
+                        f"image {shown} is {st.st_size} bytes, over MAX_IMAGE_BYTES={self.max_bytes}",
+                    )
+                if st.st_size == 0:
+                    raise ImageFetchError("unreadable", f"image file {shown} is empty")
+                data = fh.read(self.max_bytes + 1)
+        except FileNotFoundError:
+            raise ImageFetchError("not_found", f"image file not found: {shown}") from None
+        except IsADirectoryError:
+            raise ImageFetchError("not_found", f"image file not found: {shown} (a directory)") from None
+        except OSError as exc:
+            raise ImageFetchError("unreadable", f"cannot read the image file {shown}: {exc}") from exc
+        if len(data) > self.max_bytes:
+            raise ImageFetchError("too_large", f"image {shown} is over MAX_IMAGE_BYTES={self.max_bytes}")
+        return data
 
     def _data_uri(self, url: str) -> bytes:
         head, _, payload = url.partition(",")
@@ -315,14 +398,25 @@ class ImageFetcher:
                 "too_large", f"image {url} is {declared} bytes, over MAX_IMAGE_BYTES={self.max_bytes}"
             )
         buf = bytearray()
+        deadline = time.monotonic() + self.total_timeout
+        # read1: whatever has arrived, so that the deadline holds against a server that drips bytes
+        read1 = getattr(r.raw, "read1", None)
+        if read1 is not None:
+            chunks = iter(lambda: read1(CHUNK, decode_content=True), b"")
+        else:  # urllib3 1.x
+            chunks = r.iter_content(CHUNK)
         try:
-            for chunk in r.iter_content(CHUNK):
+            for chunk in chunks:
                 buf.extend(chunk)
                 if len(buf) > self.max_bytes:
                     raise ImageFetchError(
                         "too_large", f"image {url} is over MAX_IMAGE_BYTES={self.max_bytes} bytes"
                     )
-        except requests.RequestException as exc:
+                if time.monotonic() > deadline:
+                    raise ImageFetchError(
+                        "network", f"download of {url} took over {self.total_timeout:.0f} s: gave up"
+                    )
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise ImageFetchError("network", f"download of {url} broke off: {exc}") from exc
         if not buf:
             raise ImageFetchError("unreadable", f"image {url} is empty")

@@ -277,12 +277,17 @@ def _parse(config: str) -> LabelMapping:
 _CACHE: OrderedDict[str, LabelMapping | LabelConfigError] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 _CACHE_SIZE = 64
+MAX_CONFIG_CHARS = 1_000_000  # a 68-point config is ~10 kB; bounds parsing time and the cache's memory
 
 
 def parse_label_config(config: str) -> LabelMapping:
     """The ``LabelMapping`` of a labelling config (cached by the config text); raises ``LabelConfigError``."""
     if not isinstance(config, str):
         raise LabelConfigError(f"the label config must be an XML string, got {type(config).__name__}")
+    if len(config) > MAX_CONFIG_CHARS:
+        raise LabelConfigError(
+            f"the label config is {len(config)} characters long, over the limit of {MAX_CONFIG_CHARS}"
+        )
     with _CACHE_LOCK:
         hit = _CACHE.get(config)
         if hit is not None:

@@ -12,7 +12,9 @@ built once per process, lazily, under a lock:
 Hooks that later modules replace (both are looked up at call time):
 
 * ``set_weights_resolver(fn)``: ``fn(project_id: str | None, settings) -> Path`` picks the checkpoint a
-  project is served from (default: ``settings.weights``), for hot-swapping fine-tuned versions;
+  project is served from (default: ``settings.weights``), for hot-swapping fine-tuned versions; when it
+  raises ``QueueUnavailable`` (Redis down), the project keeps the checkpoint last resolved for it in this
+  process (else ``settings.weights``), so that predictions do not depend on Redis;
 * ``set_training_hook(fn)``: ``fn(event: str, payload: dict) -> dict | None`` receives every webhook event
   (``ANNOTATION_CREATED``, ``ANNOTATION_UPDATED``, ``ANNOTATIONS_DELETED``, ``START_TRAINING``, ...) from
   ``fit``; the default ``on_training_event`` only logs. It must return fast (enqueue, don't train).
@@ -32,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from active_learning.queue import QueueUnavailable
 from backend.images import ImageFetcher, ImageFetchError
 from backend.label_config import LabelMapping, parse_label_config
 from backend.metrics import METRICS
@@ -59,6 +62,11 @@ __all__ = [
 ]
 
 MAX_PREDICTORS = 4  # loaded models kept per process (hot-swapped versions push out the oldest)
+MAX_FETCHERS = 32  # image fetchers kept per process (one per API key / access token)
+MAX_FACES_PER_TASK = 64  # face boxes taken from a task (largest first): bounds the work one task can ask for
+MAX_REMEMBERED = 1024  # /setup tokens and last resolved weights kept per process (one per project)
+# PyTorch/pickle formats: loading them can run arbitrary code, so they are refused by name, never opened
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin", ".tar", ".joblib")
 BATCH_SIZE = 8  # tasks fetched and run through the network together (bounds memory for big /predict calls)
 TRAINING_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_DELETED", "START_TRAINING")
 
@@ -68,6 +76,15 @@ _predictors: OrderedDict[tuple[str, str, str], Any] = OrderedDict()  # LRU, at m
 _fetchers: dict[tuple, ImageFetcher] = {}
 _setup_tokens: dict[str, str] = {}  # project number -> access_token that Label Studio sent to /setup
 _last_setup_token: list[str] = []
+_last_weights: dict[str | None, Path] = {}  # project -> weights last resolved (served while Redis is down)
+
+
+def _remember(store: dict, key: Any, value: Any, limit: int = MAX_REMEMBERED) -> None:
+    """``store[key] = value``, forgetting the oldest entries beyond ``limit`` (call under ``_lock``)."""
+    store.pop(key, None)
+    store[key] = value
+    while len(store) > limit:
+        del store[next(iter(store))]
 
 
 def clear_caches() -> None:
@@ -77,6 +94,7 @@ def clear_caches() -> None:
         _fetchers.clear()
         _setup_tokens.clear()
         _last_setup_token.clear()
+        _last_weights.clear()
 
 
 def _default_weights(project_id: str | None, settings: Settings) -> Path:
@@ -92,8 +110,19 @@ def set_weights_resolver(fn: Callable[[str | None, Settings], Path] | None) -> N
     _weights_resolver = fn or _default_weights
 
 
+def _refuse_pickle(path: str | Path) -> None:
+    suffix = Path(path).suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise ModelUnavailableError(
+            f"refusing to load {path}: {suffix} files are PyTorch/pickle archives, and unpickling can run "
+            "arbitrary code; hih-assist loads only checkpoint folders of model.safetensors + meta.json "
+            "(see model/checkpoint.py)"
+        )
+
+
 def get_predictor(weights: str | Path, device: str = "auto", detector: str = "auto", threads: int = 0):
     """The process-wide ``Predictor`` for these weights, device and detector (loaded on first use)."""
+    _refuse_pickle(weights)
     key = (str(Path(weights).expanduser().resolve()), device, detector)
     with _lock:
         predictor = _predictors.get(key)
@@ -140,11 +169,13 @@ class ModelUnavailableError(RuntimeError):
 def model_version_of(weights: str | Path, device: str = "auto", detector: str = "auto") -> str:
     """The version of a checkpoint: the loaded predictor's, else ``meta.json``'s ``version`` (read without
     importing torch, so that /health and /setup answer fast, even in a fresh worker)."""
+    _refuse_pickle(weights)
     key = (str(Path(weights).expanduser().resolve()), device, detector)
     predictor = _predictors.get(key)
     if predictor is not None:
         return str(predictor.version)
-    meta_path = Path(key[0]) / "meta.json"
+    folder = Path(key[0])
+    meta_path = (folder.parent if folder.suffix == ".safetensors" else folder) / "meta.json"
     try:
         meta = json.loads(meta_path.read_text())
     except FileNotFoundError:
@@ -168,7 +199,7 @@ def get_fetcher(settings: Settings, api_key: str | None = None) -> ImageFetcher:
         fetcher = _fetchers.get(key)
         if fetcher is None:
             fetcher = ImageFetcher(key[0], key[1], key[2], key[3])
-            _fetchers[key] = fetcher
+            _remember(_fetchers, key, fetcher, MAX_FETCHERS)
     return fetcher
 
 
@@ -190,7 +221,7 @@ def remember_setup(project: Any, access_token: Any) -> None:
     number = project_number(project)
     with _lock:
         if number:
-            _setup_tokens[number] = access_token.strip()
+            _remember(_setup_tokens, number, access_token.strip())
         _last_setup_token[:] = [access_token.strip()]
 
 
@@ -231,7 +262,8 @@ def _time_key(item: dict) -> tuple[str, int]:
 def task_face_boxes(task: dict, mapping: LabelMapping, width: int, height: int) -> list:
     """Face boxes the task already has: the Face rectangles of its newest annotation that has any (not
     cancelled), else of its newest prediction that has any, as ``FaceBox``es (``box_from_xywh``, mapping
-    ``given``). Empty when there are none."""
+    ``given``), clipped to the image, largest first, at most ``MAX_FACES_PER_TASK``. Empty when there are
+    none."""
     from model.detect import box_from_xywh
 
     sources: list[dict] = []
@@ -261,11 +293,19 @@ def task_face_boxes(task: dict, mapping: LabelMapping, width: int, height: int) 
                 continue
             try:
                 x0, y0, x1, y1 = percent_to_rect(value, width, height)
+                if not all(np.isfinite((x0, y0, x1, y1))):
+                    continue
+                # Label Studio keeps rectangles inside the image: clip what a task may say beyond it
+                x0, x1 = min(max(x0, 0.0), float(width)), min(max(x1, 0.0), float(width))
+                y0, y1 = min(max(y0, 0.0), float(height)), min(max(y1, 0.0), float(height))
                 boxes.append(box_from_xywh(x0, y0, x1 - x0, y1 - y0))
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):
                 continue
         if boxes:
-            return sorted(boxes, key=lambda b: -b.size)
+            if len(boxes) > MAX_FACES_PER_TASK:
+                log.warning("task %s: %d face boxes, predicting the %d largest", task.get("id"), len(boxes),
+                            MAX_FACES_PER_TASK)
+            return sorted(boxes, key=lambda b: -b.size)[:MAX_FACES_PER_TASK]
     return []
 
 
@@ -296,8 +336,19 @@ class HIHModel:
 
     @functools.cached_property
     def weights(self) -> Path:
-        """The checkpoint this project is served from (asked of the weights resolver once per instance)."""
-        return Path(_weights_resolver(self.project_id, self.settings))
+        """The checkpoint this project is served from (asked of the weights resolver once per instance; with
+        Redis down, the one last resolved for the project, else ``settings.weights``)."""
+        try:
+            path = Path(_weights_resolver(self.project_id, self.settings))
+        except QueueUnavailable as exc:
+            with _lock:
+                path = _last_weights.get(self.project_id) or Path(self.settings.weights)
+            log.warning("project %s: cannot read the current model version (%s): serving %s",
+                        self.project_id, exc, path)
+            return path
+        with _lock:
+            _remember(_last_weights, self.project_id, path)
+        return path
 
     @property
     def model_version(self) -> str:

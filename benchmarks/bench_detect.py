@@ -20,7 +20,9 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
+import pickle  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -169,45 +171,45 @@ def fit(data: Path, stride: int, yunet: Path | None, out: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------- benchmark
 def configs(yunet: Path | None, quick: bool) -> dict[str, object]:
-    """Detector configurations to measure, by name (the name says what it is)."""
+    """Detector configurations to measure, by name (the name says what it is; [spec] marks the one that
+    ``make_detector(spec)`` builds). Haar: (scaleFactor, minNeighbors, minSize); upN: images whose longer
+    side is below N px are upscaled to N first."""
     H = D.HaarDetector
     c: dict[str, object] = {
-        "haar_default(1.1,5,30)": H(("default",), 1.1, 5, 30, min_side=0),
-        "haar_alt": H(("alt",), 1.1, 5, 30, min_side=0),
-        "haar_alt2": H(("alt2",), 1.1, 5, 30, min_side=0),
-        "haar_alt_tree": H(("alt_tree",), 1.1, 3, 30, min_side=0),
-        "haar_profile+mirror": H(("profile",), 1.1, 5, 30, min_side=0),
-        "haar_default up400": H(("default",), 1.1, 5, 24, min_side=400),
-        "haar_default relaxed(1.05,3) up400": H(("default",), 1.05, 3, 24, min_side=400),
-        "haar default+alt2 up400 [haar]": D.HaarDetector(),
+        "haar default (1.1,5,30)": H(("default",), 1.1, 5, 30, min_side=0),
+        "haar alt": H(("alt",), 1.1, 5, 30, min_side=0),
+        "haar alt2": H(("alt2",), 1.1, 5, 30, min_side=0),
+        "haar alt_tree (1.1,3,30)": H(("alt_tree",), 1.1, 3, 30, min_side=0),
+        "haar profile+mirror": H(("profile",), 1.1, 5, 30, min_side=0),
+        "haar default up400": H(("default",), 1.1, 5, 24, min_side=400),
+        "haar default (1.05,3) up400": H(("default",), 1.05, 3, 24, min_side=400),
+        "haar default+alt2 up400 [haar]": D.make_detector("haar"),
         "haar default+alt2+alt+profile up400": H(
             ("default", "alt2", "alt", "profile"), 1.1, 5, 24, min_side=400
         ),
         "hog (no upscale)": D.HogDetector(min_side=0),
-        "hog up640": D.HogDetector(min_side=640),
-        "hog up800 [hog]": D.HogDetector(),
-        "hog up1000": D.HogDetector(min_side=1000),
-        "auto": D.make_detector("auto"),
+        "hog up640 [hog]": D.make_detector("hog"),
+        "hog up800": D.HogDetector(min_side=800),
+        "auto = hog up640 > haar [auto]": D.make_detector("auto"),
     }
     if quick:
-        c = {k: v for k, v in c.items() if k in ("haar_default(1.1,5,30)", "haar default+alt2 up400 [haar]",
-                                                   "hog up800 [hog]", "auto")}
+        c = {k: v for k, v in c.items() if "[" in k or k.startswith("haar default (1.1")}
     if yunet is not None:
-        c["yunet"] = D.YuNetDetector(yunet)
+        c["yunet (user file)"] = D.YuNetDetector(yunet)
     return c
 
 
-# fallback chains evaluated from the cached runs of their parts: same boxes and summed time as running
+# fallback chains evaluated from the runs of their parts: the same boxes and summed time as running
 # FallbackDetector (the second detector only runs on images where the first found nothing)
 CHAINS = {
-    "hog (no upscale) > haar_default(1.1,5,30)": ("hog (no upscale)", "haar_default(1.1,5,30)"),
-    "hog up800 > haar_default up400": ("hog up800 [hog]", "haar_default up400"),
-    "hog up640 > haar [default+alt2 up400]": ("hog up640", "haar default+alt2 up400 [haar]"),
-    "hog up1000 > haar [default+alt2 up400]": ("hog up1000", "haar default+alt2 up400 [haar]"),
+    "hog (no upscale) > haar default (1.1,5,30)": ("hog (no upscale)", "haar default (1.1,5,30)"),
+    "hog (no upscale) > haar [default+alt2 up400]": ("hog (no upscale)", "haar default+alt2 up400 [haar]"),
+    "hog up640 > haar default up400": ("hog up640 [hog]", "haar default up400"),
+    "hog up800 > haar [default+alt2 up400]": ("hog up800", "haar default+alt2 up400 [haar]"),
 }
 
 
-def run_config(det, faces: list[Face], images: list[np.ndarray]) -> list[tuple[list[D.FaceBox], float]]:
+def run_config(det, images: list[np.ndarray]) -> list[tuple[list[D.FaceBox], float]]:
     out = []
     for img in images:
         t0 = time.perf_counter()
@@ -256,8 +258,13 @@ def chain(parts: list[list[tuple[list[D.FaceBox], float]]]) -> list[tuple[list[D
     return out
 
 
-def bench(data: Path, yunet: Path | None, limit: int, quick: bool, out: Path) -> dict:
+def bench(data: Path, yunet: Path | None, limit: int, quick: bool, out: Path, cache: Path | None) -> dict:
+    """Run every configuration on both sets. ``cache``: a pickle of per-image runs keyed by set, config
+    name and the mapping file's hash (a developer convenience to re-tabulate without re-running; delete it
+    after changing model/detect.py)."""
     dets = configs(yunet, quick)
+    key = hashlib.sha1(D.MAPPING_FILE.read_bytes()).hexdigest()[:10]
+    store = pickle.loads(cache.read_bytes()) if cache is not None and cache.is_file() else {}
     results: dict[str, dict] = {}
     for set_name, sub in EVAL_SETS.items():
         faces = load_set(data / sub, limit=limit)
@@ -265,11 +272,14 @@ def bench(data: Path, yunet: Path | None, limit: int, quick: bool, out: Path) ->
         runs = {}
         for name, det in dets.items():
             t0 = time.perf_counter()
-            runs[name] = run_config(det, faces, images)
-            results.setdefault(name, {})[set_name] = score(faces, runs[name])
-            r = results[name][set_name]
+            ck = (set_name, name, key, limit)
+            runs[name] = store[ck] if ck in store else run_config(det, images)
+            store[ck] = runs[name]
+            results.setdefault(name, {})[set_name] = r = score(faces, runs[name])
             print(f"[{set_name}] {name}: {r['found']}/{r['n']} other/img {r['other_per_image']} "
                   f"{r['ms_median']} ms ({time.perf_counter() - t0:.0f} s)", flush=True)
+            if cache is not None:
+                cache.write_bytes(pickle.dumps(store))
         for name, parts in CHAINS.items():
             if all(p in runs for p in parts):
                 results.setdefault(name, {})[set_name] = score(faces, chain([runs[p] for p in parts]))
@@ -278,7 +288,7 @@ def bench(data: Path, yunet: Path | None, limit: int, quick: bool, out: Path) ->
         "description": __doc__.strip().splitlines()[0],
         "command": "python benchmarks/bench_detect.py" + (f" --limit {limit}" if limit else ""),
         "auto": D.AUTO_SPEC, "auto_rationale": D.AUTO_RATIONALE,
-        "opencv": cv2.__version__, "threads": 1,
+        "opencv": cv2.__version__, "threads": 1, "load_average_at_end": os.getloadavg(),
         "hit_rule": "mapped centre inside the annotated landmark box, "
                     "mapped size within 0.5-2x its larger side",
         "sets": {k: str(v) for k, v in EVAL_SETS.items()},
@@ -291,7 +301,7 @@ def bench(data: Path, yunet: Path | None, limit: int, quick: bool, out: Path) ->
 
 
 def print_table(results: dict[str, dict]) -> None:
-    head = (f"{'detector':42s} | {'lfpw found':>10s} {'miss':>4s} {'other':>6s} {'ms':>6s} {'c.err':>5s} "
+    head = (f"{'detector':44s} | {'lfpw found':>10s} {'miss':>4s} {'other':>6s} {'ms':>6s} {'c.err':>5s} "
             f"{'s.err':>5s} | {'ytf found':>10s} {'miss':>4s} {'FP/img':>6s} {'ms':>6s} {'c.err':>5s} "
             f"{'s.err':>5s}")
     print("\n" + head + "\n" + "-" * len(head))
@@ -306,7 +316,7 @@ def print_table(results: dict[str, dict]) -> None:
             sz = "-" if r["median_size_err"] is None else f"{r['median_size_err']:.3f}"
             cells.append(f"{r['rate'] * 100:9.1f}% {r['missed']:4d} {r['other_per_image']:6.2f} "
                          f"{r['ms_median']:6.1f} {ce:>5s} {sz:>5s}")
-        print(f"{name:42s} | {cells[0]} | {cells[1]}")
+        print(f"{name:44s} | {cells[0]} | {cells[1]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--yunet", type=Path, default=None,
                     help=f"YuNet ONNX file (default: <data>/../models/{YUNET_FILE} when present)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--cache", type=Path, default=None, help="benchmark: reuse per-image runs (pickle)")
     args = ap.parse_args(argv)
     data = (args.data or Settings.from_env().data_dir).resolve()
     if not data.is_dir():
@@ -329,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fit:
         fit(data, args.stride, yunet, args.out or D.MAPPING_FILE)
     else:
-        bench(data, yunet, args.limit, args.quick, args.out or RESULTS)
+        bench(data, yunet, args.limit, args.quick, args.out or RESULTS, args.cache)
     return 0
 
 

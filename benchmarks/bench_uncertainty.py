@@ -5,7 +5,11 @@
         300w/train (``np.random.default_rng(0).permutation(n)[:100]`` over the sorted records) plus the 800
         ytf/train frames (never trained on), in 5 folds (ytf grouped by person, so frames of one video stay in
         one fold). Every per-point candidate x face aggregate of active_learning.uncertainty is scored per
-        fold; writes benchmarks/results/uncertainty_selection.json and prints the table.
+        fold (Spearman of face uncertainty with NME; hit10 = share of the fold's worst 10 % found among its
+        10 % most uncertain), next to fitted log-linear combinations (out of fold), the baseline and the
+        flip-test disagreement (a second pass, for comparison). Prints the table, the formula the rule picks
+        (see active_learning/uncertainty.py) and the score calibration (fitted on the holdout faces); writes
+        benchmarks/results/uncertainty_selection.json.
 
     python benchmarks/bench_uncertainty.py [--weights weights/hih_cpu_300w]
         Measure the chosen formula (active_learning.uncertainty.face_uncertainty) against the baseline (the
@@ -50,7 +54,7 @@ BASELINE = "integer_peak"
 # ------------------------------------------------------------------------------------------ predict
 def _cache_key(weights: Path, records) -> str:
     st = (weights / "model.safetensors").stat()
-    h = hashlib.sha256(f"{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    h = hashlib.sha256(f"v2|{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     for r in records:
         h.update(str(r.image_path).encode())
     return h.hexdigest()[:20]
@@ -71,21 +75,34 @@ def predict_records(weights: Path, records, cache: bool = True, batch: int = 32)
             return {k: z[k] for k in z.files}
     torch.set_num_threads(1)
     predictor = Predictor.load(weights, device="cpu", detector="auto")
-    pts, parts = [], []
-    t0 = time.perf_counter()
+    perm = predictor.scheme.flip_permutation()
+    crop = predictor.model.config.input_size / predictor.model.config.crop_scale
+    pts, parts, flips = [], [], []
+    seconds = 0.0
     for s in range(0, len(records), batch):
         chunk = records[s : s + batch]
         images = [load_image(r.image_path) for r in chunk]
-        p, dec = predictor.predict_crops(images, [landmark_box(r.points) for r in chunk])
+        boxes = [landmark_box(r.points) for r in chunk]
+        t0 = time.perf_counter()
+        p, dec = predictor.predict_crops(images, boxes)
+        seconds += time.perf_counter() - t0
         pts.append(p)
         parts.append({f: getattr(dec, f) for f in U.STAT_FIELDS})
-    seconds = time.perf_counter() - t0
+        # the mirrored face, for the flip-disagreement candidate (a second pass; not a decoder statistic)
+        widths = np.array([im.shape[1] for im in images], dtype=np.float64)
+        mirrored = [(w - 1 - b[0], b[1], b[2]) for w, b in zip(widths, boxes, strict=True)]
+        fp, _ = predictor.predict_crops([im[:, ::-1].copy() for im in images], mirrored)
+        fp = fp[:, perm].copy()
+        fp[..., 0] = widths[:, None] - 1 - fp[..., 0]
+        size = np.array([b[2] for b in boxes])
+        flips.append(np.linalg.norm(p - fp, axis=-1) * (crop / size)[:, None])
     gt = np.stack([r.points for r in records]).astype(np.float64)
     points = np.concatenate(pts)
     out = {"points": points, "gt": gt, "nme": nme(points, gt, predictor.scheme),
            "seconds_per_face": np.array(seconds / max(len(records), 1))}
     for f in U.STAT_FIELDS:
         out[f] = np.concatenate([p[f] for p in parts]).astype(np.float64)
+    out["flip_disagreement"] = np.concatenate(flips)
     if cache:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache_file, **out)
@@ -198,6 +215,10 @@ def select(weights: Path, data: Path, cache: bool) -> dict:
             rows.append(row)
     rows.append({**score_face_u("baseline -mean(integer_peak)", baseline_uncertainty(stats)),
                  "point_spearman": U.spearman(-stats[BASELINE].ravel(), perr.ravel())})
+    flip = pool["flip_disagreement"]  # crop px between the prediction and the mirrored face's, unmirrored
+    for aname in ("mean", "top25"):
+        rows.append({**score_face_u(f"{aname}(flip disagreement), 2nd pass", U.FACE_AGGREGATES[aname](flip)),
+                     "point_spearman": U.spearman(flip.ravel(), perr.ravel())})
 
     # Fitted combinations, to see whether one measurably beats the simple formulas: least squares of ln NME
     # on the faces' mean per-point features (U.loglinear_features), fitted on 4 folds and scored on the fifth.
@@ -216,17 +237,29 @@ def select(weights: Path, data: Path, cache: bool) -> dict:
                      "bias": float(w_all[-1])}
     rows.sort(key=lambda r: -r["spearman"])
 
-    # Calibration of the chosen uncertainties into scores on the whole pool: P(error <= threshold), logistic
-    # in log uncertainty (faces: NME <= FACE_OK_NME; points: error <= POINT_OK_IOD of the inter-ocular).
+    # Calibration of the chosen uncertainties into scores, on the 300-W holdout faces (clean ground truth;
+    # ytf's is machine-made): P(error <= threshold), logistic in ln uncertainty (faces: NME <= FACE_OK_NME;
+    # points: error <= POINT_OK_IOD of the inter-ocular distance).
     chosen = U.face_uncertainty(stats)
     pu = U.point_uncertainty(stats)
-    face_fit = fit_logistic(np.log(np.clip(chosen, 1e-6, None)), (e <= U.FACE_OK_NME).astype(float))
-    point_ok = (perr.ravel() <= U.POINT_OK_IOD).astype(float)
-    point_fit = fit_logistic(np.log(np.clip(pu.ravel(), 1e-6, None)), point_ok)
-    calibration = {"face": {"c0": face_fit[0], "c1": face_fit[1], "ok_nme": U.FACE_OK_NME,
-                            "ok_rate": float((e <= U.FACE_OK_NME).mean())},
+    h = ~is_ytf
+    face_ok = (e[h] <= U.FACE_OK_NME).astype(float)
+    point_ok = (perr[h] <= U.POINT_OK_IOD).astype(float).ravel()
+    face_fit = fit_logistic(np.log(np.clip(chosen[h], 1e-6, None)), face_ok)
+    point_fit = fit_logistic(np.log(np.clip(pu[h].ravel(), 1e-6, None)), point_ok)
+    calibration = {"on": "300-W holdout faces",
+                   "face": {"c0": face_fit[0], "c1": face_fit[1], "ok_nme": U.FACE_OK_NME,
+                            "ok_rate": float(face_ok.mean())},
                    "point": {"c0": point_fit[0], "c1": point_fit[1], "ok_iod": U.POINT_OK_IOD,
-                             "ok_rate": float((perr <= U.POINT_OK_IOD).mean())}}
+                             "ok_rate": float(point_ok.mean())}}
+    # The rule: among the simple (unfitted) formulas whose mean fold Spearman is within one standard error of
+    # the best one's, take the one whose per-point uncertainty best predicts the per-point error (it also
+    # gives the regions' scores), then its best aggregate.
+    simple = [r for r in rows if not r["formula"].startswith(("fitted", "baseline")) and "2nd pass" not in
+              r["formula"]]
+    best = max(simple, key=lambda r: r["spearman"])
+    close = [r for r in simple if r["spearman"] >= best["spearman"] - best["spearman_sd"] / np.sqrt(FOLDS)]
+    recommended = max(close, key=lambda r: (round(r["point_spearman"], 3), r["spearman"]))
     out = {
         "weights": str(weights), "faces": {"holdout": int((~is_ytf).sum()), "ytf": int(is_ytf.sum())},
         "folds": FOLDS, "nme_mean": {"holdout": float(e[~is_ytf].mean()), "ytf": float(e[is_ytf].mean())},
@@ -235,6 +268,7 @@ def select(weights: Path, data: Path, cache: bool) -> dict:
         "point_uncertainty_quantiles": {
             q: float(np.quantile(U.point_uncertainty(stats), q / 100)) for q in (10, 25, 50, 75, 90)},
         "calibration": calibration,
+        "best_simple": recommended["formula"],
         "loglinear_fit_all": loglinear_fit,
         "rows": rows,
     }
@@ -250,6 +284,7 @@ def print_selection(out: dict) -> None:
         pr = "" if r.get("point_spearman") is None else f"{r['point_spearman']:.3f}"
         print(f"{r['formula']:44s} {r['spearman']:6.3f} {r['spearman_sd']:5.3f} {r['worst10_hit']:6.2f} "
               f"{r['spearman_holdout']:6.3f} {r['spearman_ytf']:6.3f} {pr:>6s}")
+    print(f"best simple formula: {out['best_simple']}")
     print(f"calibration: {out['calibration']}")
     print(f"log-linear fit on the whole pool: {out['loglinear_fit_all']}")
     c = out["chosen"]

@@ -41,7 +41,7 @@ threads (calls are then serialised).
 from __future__ import annotations
 
 import json
-import math
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +51,8 @@ from typing import NamedTuple, Protocol
 
 import cv2
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 MAPPING_FILE = Path(__file__).with_name("box_mapping.json")
 
@@ -66,7 +68,7 @@ HAAR_FILES = {
 }
 HAAR_CASCADES = ("default", "alt2")
 HAAR_MIN_SIDE = 400  # images smaller than this (longer side) are upscaled before the Haar pass
-HOG_MIN_SIDE = 800  # images smaller than this (longer side) are upscaled before the HOG pass
+HOG_MIN_SIDE = 640  # images smaller than this (longer side) are upscaled before the HOG pass
 
 
 # --------------------------------------------------------------------------------------------- boxes
@@ -132,7 +134,7 @@ def _mapping(kind: str) -> BoxMapping:
     raise ValueError(f"no fitted box mapping for {kind!r} (known: {sorted(maps)})")
 
 
-def map_raw(raw: RawBox, source: str, image_width: int | None = None) -> FaceBox:
+def map_raw(raw: RawBox, source: str) -> FaceBox:
     """Map one raw detector box to a ``FaceBox`` with the fitted mapping of its kind."""
     cx, cy, size = _mapping(raw.kind).apply(raw.x, raw.y, raw.w, raw.h, raw.mirrored)
     return FaceBox(float(cx), float(cy), float(size), float(raw.score), source,
@@ -293,6 +295,10 @@ class HaarDetector(_BaseDetector):
         return sorted(out, key=lambda r: (rank[r.kind], -r.score))
 
 
+class _DlibMissingError(ValueError, ImportError):
+    """dlib is not importable (a ValueError for callers of make_detector; 'auto' falls back to Haar)."""
+
+
 class HogDetector(_BaseDetector):
     """dlib's HOG frontal face detector (``dlib-bin``). Score: the SVM margin (> ``threshold``)."""
 
@@ -303,7 +309,7 @@ class HogDetector(_BaseDetector):
         try:
             import dlib
         except ImportError as exc:  # pragma: no cover - dlib-bin is a dependency
-            raise ValueError("the 'hog' detector needs dlib (pip install dlib-bin)") from exc
+            raise _DlibMissingError("the 'hog' detector needs dlib (pip install dlib-bin)") from exc
         self._det = dlib.get_frontal_face_detector()
         self.min_side, self.threshold = min_side, threshold
 
@@ -371,7 +377,11 @@ def make_detector(spec: str = "auto") -> FaceDetector:
     chain of those joined by ``>`` (``hog>haar``: Haar only when HOG finds nothing)."""
     spec = (spec or "auto").strip()
     if spec.lower() == "auto":
-        return make_detector(AUTO_SPEC)
+        try:
+            return make_detector(AUTO_SPEC)
+        except ImportError:  # dlib-bin missing (it is a dependency): Haar alone, which ships with OpenCV
+            log.warning("dlib is not installed: the 'auto' face detector falls back to 'haar'")
+            return HaarDetector()
     if spec.lower().startswith("yunet:"):
         path = spec[len("yunet:"):].strip()
         if not path:
@@ -386,8 +396,3 @@ def make_detector(spec: str = "auto") -> FaceDetector:
     if spec.lower() == "yunet":
         raise ValueError("yunet needs a model file: 'yunet:/path/to/yunet.onnx' (it is not shipped)")
     raise ValueError(f"unknown detector spec {spec!r}: use auto, haar, hog or yunet:/path/to/model.onnx")
-
-
-def face_distance(box: FaceBox, cx: float, cy: float, size: float) -> tuple[float, float]:
-    """Centre error and log size ratio of ``box`` relative to a landmark box (both relative to ``size``)."""
-    return math.hypot(box.cx - cx, box.cy - cy) / size, math.log(box.size / size)

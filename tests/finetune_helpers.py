@@ -98,6 +98,7 @@ def delete_namespace(url: str, namespace: str) -> None:
     for pattern in (f"{namespace}:*", f"rq:*{namespace}*"):
         for k in conn.scan_iter(pattern, count=500):
             conn.delete(k)
+    conn.srem("rq:queues", f"rq:queue:{namespace}")
     conn.close()
 
 
@@ -155,6 +156,32 @@ def run_worker_burst(settings: Settings, log_path: Path, timeout: float = 120, *
         kill_group(proc)
         log = log_path.read_text()[-4000:]
         raise AssertionError(f"worker did not finish in {timeout} s; log:\n{log}") from None
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as dead)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (RQ's work horse sits in a process group of its own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    todo, seen = [pid], []
+    while todo:
+        p = todo.pop()
+        seen.append(p)
+        todo.extend(children.get(p, []))
+    for p in seen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

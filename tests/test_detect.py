@@ -159,10 +159,11 @@ def test_auto_finds_faces_in_whole_images(auto: D.FaceDetector) -> None:
 @pytest.mark.data
 @needs_data
 def test_auto_finds_small_video_faces(auto: D.FaceDetector) -> None:
+    # blurry frames, turned heads, machine-made points: median centre error is ~0.1 x size here, up to ~0.2
     for img, pts in _sample("ytf/train", ["Abdel_Aziz_Al-Hakim_41", "Abdullah_Gul_11", "Abdullah_Gul_30"]):
-        _check_found(auto, img, pts)
+        _check_found(auto, img, pts, centre_tol=0.25)
         # converted inputs work the same way
-        _check_found(auto, np.dstack([img, np.full(img.shape[:2], 255, np.uint8)]), pts)
+        _check_found(auto, np.dstack([img, np.full(img.shape[:2], 255, np.uint8)]), pts, centre_tol=0.25)
 
 
 @pytest.mark.data
@@ -182,3 +183,10 @@ def test_yunet_with_shared_model() -> None:
         b = _check_found(det, img, pts, centre_tol=0.1)
         assert b.source == "yunet" and 0 < b.score <= 1
     assert det.detect(np.full((120, 160, 3), 128, np.uint8)) == []
+
+
+def test_auto_without_dlib_falls_back_to_haar(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "dlib", None)  # import dlib -> ImportError
+    assert D.make_detector("auto").name == "haar"
+    with pytest.raises(ValueError, match="dlib"):
+        D.make_detector("hog")

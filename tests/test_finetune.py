@@ -144,7 +144,8 @@ def test_cli_finetune_runs_the_recipe_and_gate(faces, base, tmp_path, monkeypatc
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args([
         "finetune", "--init", str(base), "--data", str(data), "--out", str(tmp_path / "o"), "--epochs", "4",
-        "--lr", "0.01", "--batch-size", "8", "--check", "0", "--device", "cpu", "--threads", "1",
+        "--lr", "0.01", "--batch-size", "8", "--check", "0", "--replay", "0", "--device", "cpu",
+        "--threads", "1",
     ])
     assert args.func(args, Settings()) == 0
     report = json.loads((tmp_path / "o" / "finetune.json").read_text())

