@@ -45,6 +45,8 @@ def save_checkpoint(path: str | Path, model: HIHNet, meta: dict) -> Path:
     for f in (tmp / WEIGHTS_FILE, tmp / META_FILE):
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+        f.chmod(0o644)
+    tmp.chmod(0o755)  # mkdtemp makes it private; checkpoints are read by other users (containers, workers)
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         path.rename(old)
