@@ -8,8 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
+
+# OpenMP threads that spin while waiting make torch 5-10x slower when the cores are shared (measured in
+# benchmarks/bench_speed.py); sleep instead. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from hih_settings import Settings
 

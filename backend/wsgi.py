@@ -6,6 +6,10 @@ so nothing initialises CUDA before gunicorn forks.
 
 from __future__ import annotations
 
-from backend.app import create_app
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see hih_cli.py: before torch is imported
+
+from backend.app import create_app  # noqa: E402
 
 app = create_app()

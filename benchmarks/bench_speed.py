@@ -9,8 +9,11 @@ median of repeated runs, and counts parameters and FLOPs. Prints a table, writes
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the product sets it (hih_cli.py); before torch
 
 from common import print_table, write_results
 
@@ -79,7 +82,11 @@ def main() -> None:
             })
             print_table([rows[-1]], list(rows[-1]))
     print_table(rows, list(rows[0]), title="Network speed (forward + decode, median)")
-    write_results("speed", {"rows": rows}, "python benchmarks/bench_speed.py")
+    load = os.getloadavg()
+    print(f"load average during the run: {load[0]:.2f} (other processes share these cores; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')})")
+    write_results("speed", {"rows": rows, "load_average": load, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
+                  "python benchmarks/bench_speed.py")
 
 
 if __name__ == "__main__":
