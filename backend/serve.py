@@ -69,7 +69,9 @@ def run_server(settings: Settings | None = None) -> int:
 
         def load(self):
             from backend.app import create_app
+            from backend.loop import connect_fine_tuning
 
+            connect_fine_tuning(settings)
             return create_app(settings)
 
     log.info(
