@@ -100,7 +100,9 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     if records[0].points.shape[0] != predictor.scheme.num_points:
         raise CLIError(f"{args.data} has {records[0].points.shape[0]}-point faces; the model is "
                        f"{predictor.scheme.name}")
-    result = evaluate_images(predictor, records, detector, progress=not args.json)
+    from active_learning.uncertainty import score_face
+
+    result = evaluate_images(predictor, records, detector, progress=not args.json, scorer=score_face)
     nmes = result.nmes
     summary = {
         "data": args.data, "weights": str(args.weights or settings.weights), "model_version": predictor.version,
@@ -135,6 +137,7 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
     import numpy as np
     from PIL import Image
 
+    from active_learning.uncertainty import score_faces
     from model.image_io import ImageError, load_image
     from model.overlay import draw_faces
 
@@ -150,7 +153,7 @@ def cmd_predict(args: argparse.Namespace, settings: Settings) -> int:
             print(f"hih-assist predict: error: {exc}", file=sys.stderr)
             failed += 1
             continue
-        faces = predictor.predict(image)
+        faces = score_faces(predictor.predict(image))
         entry = {
             "image": path, "width": image.shape[1], "height": image.shape[0], "model_version": predictor.version,
             "faces": [

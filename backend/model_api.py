@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from active_learning.queue import QueueUnavailable
+from active_learning.uncertainty import score_faces
 from backend.images import ImageFetcher, ImageFetchError
 from backend.label_config import LabelMapping, parse_label_config
 from backend.metrics import METRICS
@@ -458,6 +459,7 @@ class HIHModel:
                 self._fail(out, i, task, version, "no_face", "no face found in the image")
                 continue
             h, w = image.shape[:2]
+            score_faces(faces)  # calibrated point, face and task scores (active_learning.uncertainty)
             out[i] = prediction_from_faces(faces, mapping, w, h, version)
             METRICS.observe_task(faces=len(faces))
             log.info(

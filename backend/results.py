@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from active_learning import uncertainty
 from backend.label_config import LabelMapping
 
 __all__ = [
@@ -143,15 +144,6 @@ def face_regions(
     return regions
 
 
-def task_score(faces: Sequence[Any]) -> float:
-    """The task's confidence: mean face score (0 when there is no face). A placeholder that the uncertainty
-    work refines; lower = less sure, which is what Label Studio's uncertainty sampling shows first."""
-    if not faces:
-        return 0.0
-    vals = [float(f.score) for f in faces if np.isfinite(f.score)]
-    return float(np.clip(np.mean(vals), 0.0, 1.0)) if vals else 0.0
-
-
 def empty_prediction(model_version: str) -> dict[str, Any]:
     """The prediction of a task that failed (no image, unreadable, no face): no regions, score 0."""
     return {"result": [], "score": 0.0, "model_version": model_version}
@@ -165,3 +157,8 @@ def prediction_from_faces(
     for face in faces:
         result.extend(face_regions(face, mapping, width, height))
     return {"result": result, "score": task_score(faces), "model_version": model_version}
+
+
+# The task's confidence: the calibrated score of its most uncertain face (0 without a face), so that Label
+# Studio's ascending "prediction score" order and uncertainty sampling show the most doubtful tasks first.
+task_score = uncertainty.task_score

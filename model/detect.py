@@ -28,10 +28,34 @@ Detectors (``make_detector(spec)``)
   by dlib on LFW images), images upscaled to at least ``HOG_MIN_SIDE`` px on their longer side.
 * ``"yunet:/path/model.onnx"``: ``cv2.FaceDetectorYN`` with a file the user supplies (never the default:
   the file is not shipped with the project).
-* ``"auto"`` (the default): ``"hog"`` first, then ``"haar"`` only when HOG finds no face (``hog>haar``).
+* ``"auto"`` (the default): ``"hog"`` first, then ``"haar"`` only when HOG finds no face (``hog>haar``);
+  plain ``"haar"`` when dlib cannot be imported.
 
-Why ``auto`` is ``hog>haar`` (``benchmarks/bench_detect.py``; numbers in ``benchmarks/results/detect.json``,
-one thread): see ``AUTO_RATIONALE`` below, which the benchmark prints with its table.
+Why ``auto`` is ``hog>haar`` (``python benchmarks/bench_detect.py``, one thread, CPU ms per image; full
+table in ``benchmarks/results/detect.json``). Found faces on 300w/test_full/lfpw (224 whole images) and
+ytf/train (800 small blurry frames); "false" = boxes per ytf frame not on its one face:
+
+==========================================  ===========  ====  ===========  ======  ====
+detector                                    lfpw found   ms    ytf found    false   ms
+==========================================  ===========  ====  ===========  ======  ====
+haar default (1.1, 5, 30 px), the baseline  221 (98.7%)  64    788 (98.5%)  0.014   13
+haar default+alt2, upscaled to 400 px       222          163   799 (99.9%)  0.091   99
+hog, no upscaling                           223          16    630 (78.8%)  0.001   3
+hog, upscaled to 640 px (``"hog"``)         222          25    782 (97.8%)  0.003   30
+**hog>haar** (``"auto"``)                   **224**      26    **799**      0.003   30
+yunet (user file; not shipped)              224          14    800          0.021   3.5
+==========================================  ===========  ====  ===========  ======  ====
+
+No single cheap detector reaches both targets (at most one LFPW face and 1% of ytf frames missed); the
+union of four Haar cascades (default, alt2, alt, profile) does, at 10-20x the time and with 0.11 false
+boxes per frame, and relaxed Haar parameters (1.05, 3) triple the false boxes. HOG at 640 px (faces down
+to ~1/8 of the image side fill its 80 px window) is fast, has the fewest false boxes and draws consistent
+boxes; Haar (24 px window, small images upscaled to 400 px) catches the tilted or blurry faces HOG misses
+and runs on only ~2% of the frames, so ``hog>haar`` costs about HOG's time. HOG without upscaling, then
+Haar, is faster on tiny frames but falls back to Haar on 21% of them (10x more frames with false boxes,
+p90 91 ms). Mapped-box errors (median centre error / size, |size ratio - 1|) of ``auto``: 0.077 / 0.059
+(lfpw), 0.097 / 0.068 (ytf). YuNet is clearly better (0.036-0.040 centre error, no misses) and is the
+better choice where a user supplies its file (``HIH_DETECTOR=yunet:/path/yunet.onnx``).
 
 Every detector returns its boxes de-duplicated (greedy NMS on the mapped landmark squares) and sorted
 largest face first. Detectors hold a lock around their native calls, so one instance may be shared by
@@ -57,7 +81,12 @@ log = logging.getLogger(__name__)
 MAPPING_FILE = Path(__file__).with_name("box_mapping.json")
 
 AUTO_SPEC = "hog>haar"
-AUTO_RATIONALE = "(filled in from the benchmark)"
+AUTO_RATIONALE = (
+    "dlib HOG (upscaled to 640 px), OpenCV Haar default+alt2 only when HOG finds nothing: meets both "
+    "targets (lfpw 224/224, ytf 799/800) at HOG's cost with the fewest false boxes; HOG without upscaling "
+    "then Haar also meets them, faster on tiny frames, but falls back to Haar on 21% of them (10x more "
+    "frames with false boxes, p90 91 ms)"
+)
 
 HAAR_FILES = {
     "default": "haarcascade_frontalface_default.xml",

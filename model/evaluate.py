@@ -94,11 +94,12 @@ def match_face(boxes, gt_points: np.ndarray):
     return min(good, key=lambda b: float(np.hypot(b.cx - centre[0], b.cy - centre[1])))
 
 
-def evaluate_images(predictor, records: Sequence[FaceRecord], detector: str = "gt", progress: bool = False
-                    ) -> ImageEvaluation:
+def evaluate_images(predictor, records: Sequence[FaceRecord], detector: str = "gt", progress: bool = False,
+                    scorer=None) -> ImageEvaluation:
     """Run ``predictor`` on each record's image: ``detector`` "gt" crops from the ground-truth landmark box
     (as benchmarks do); any other spec runs that detector (``model.detect.make_detector``) on the whole image
-    and scores the face that matches the annotation (``match_face``); unmatched faces count as missed."""
+    and scores the face that matches the annotation (``match_face``); unmatched faces count as missed.
+    ``scorer(face)`` (e.g. ``active_learning.uncertainty.score_face``) sets each face's uncertainty."""
     import time
 
     from tqdm import tqdm
@@ -125,6 +126,8 @@ def evaluate_images(predictor, records: Sequence[FaceRecord], detector: str = "g
         if chosen is None:
             missed.append(idx)
             continue
+        if scorer is not None:
+            scorer(chosen)
         faces += 1
         found.append(idx)
         points.append(chosen.points)

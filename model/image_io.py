@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 
@@ -52,10 +53,8 @@ def load_image(src: ImageLike) -> np.ndarray:
 
 
 def _pil_to_rgb(pil: Image.Image) -> np.ndarray:
-    try:
+    with contextlib.suppress(Exception):  # a broken EXIF block must not make the pixels unreadable
         pil = ImageOps.exif_transpose(pil)
-    except Exception:  # noqa: BLE001 - a broken EXIF block must not make the pixels unreadable
-        pass
     if pil.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(pil, dtype=np.float64)
         top = arr.max() if arr.size else 1.0

@@ -38,9 +38,11 @@ UNCERTAINTY_SCALE_PX = 4.0  # input pixels of the crop at which a point's confid
 class FacePrediction:
     """One face. ``points`` (K, 2) pixel-centre image coordinates; ``rect`` (x0, y0, x1, y1) pixel-corner.
 
-    ``point_uncertainty`` (K,) is the spread of the predicted position in input pixels of the face crop
-    (integer-map spread plus decimal spread); ``point_scores`` (K,) = exp(-uncertainty / 4 px) in (0, 1].
-    ``uncertainty``/``score`` aggregate them per face (mean). ``stats`` holds the raw decoder statistics.
+    ``point_uncertainty`` (K,) is the spread of the predicted position in input pixels of the face crop,
+    sqrt(integer_std^2 + decimal_std^2); ``point_scores`` (K,) = exp(-uncertainty / 4 px) in (0, 1], and
+    ``uncertainty``/``score`` their per-face mean: raw values. ``active_learning.uncertainty.score_faces``
+    replaces these four with the calibrated formula chosen by measurement (the backend and the CLI apply
+    it). ``stats`` holds the decoder statistics each formula starts from.
     """
 
     box: FaceBox
@@ -139,7 +141,7 @@ class Predictor:
 
     # ----------------------------------------------------------------------------------------- helpers
     def _face(self, box: FaceBox, points: np.ndarray, dec: Decoded, j: int) -> FacePrediction:
-        unc = dec.integer_std[j] + dec.decimal_std[j]
+        unc = np.sqrt(dec.integer_std[j] ** 2 + dec.decimal_std[j] ** 2)
         scores = np.exp(-unc / UNCERTAINTY_SCALE_PX)
         lo, hi = points.min(0), points.max(0)
         rect = (float(lo[0]), float(lo[1]), float(hi[0] + 1.0), float(hi[1] + 1.0))

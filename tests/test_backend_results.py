@@ -25,7 +25,8 @@ from model.predictor import FacePrediction
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def face(points: np.ndarray, score: float = 0.8) -> FacePrediction:
+def face(points: np.ndarray, score: float = 0.8, spread: float = 1.0) -> FacePrediction:
+    """A face with decoder statistics whose integer and decimal spreads are ``spread`` crop pixels."""
     lo, hi = points.min(0), points.max(0)
     return FacePrediction(
         box=FaceBox(float(points[:, 0].mean()), float(points[:, 1].mean()), 10.0, 1.0, "given", (0, 0, 1, 1)),
@@ -35,7 +36,7 @@ def face(points: np.ndarray, score: float = 0.8) -> FacePrediction:
         point_uncertainty=np.ones(len(points)),
         score=score,
         uncertainty=1.0,
-        stats={},
+        stats={"integer_std": np.full(len(points), spread), "decimal_std": np.full(len(points), spread)},
     )
 
 
@@ -131,9 +132,12 @@ def test_points_outside_the_image_are_clamped_to_its_border() -> None:
 def test_prediction_score_version_and_empty_prediction() -> None:
     mapping = parse_label_config((ROOT / "label_config.xml").read_text())
     pts = np.full((68, 2), 5.0) + np.arange(68)[:, None] * 0.1
-    faces = [face(pts, 0.9), face(pts + 20, 0.5)]
-    pred = prediction_from_faces(faces, mapping, 100, 100, "v7")
-    assert pred["model_version"] == "v7" and pred["score"] == pytest.approx(0.7)
+    sure, doubtful = face(pts, 0.9, spread=0.5), face(pts + 20, 0.5, spread=3.0)
+    pred = prediction_from_faces([sure, doubtful], mapping, 100, 100, "v7")
+    # the task's score is the calibrated score of its most uncertain face (active_learning.uncertainty)
+    alone = prediction_from_faces([doubtful], mapping, 100, 100, "v7")["score"]
+    assert pred["model_version"] == "v7" and pred["score"] == pytest.approx(alone)
+    assert 0 <= pred["score"] < prediction_from_faces([sure], mapping, 100, 100, "v7")["score"]
     rect_ids = [r["id"] for r in pred["result"] if r["type"] == "rectanglelabels"]
     assert len(rect_ids) == 2 and len(pred["result"]) == 2 * 69
     assert {r["parentID"] for r in pred["result"] if r["type"] == "keypointlabels"} == set(rect_ids)
