@@ -58,3 +58,12 @@ def connect_fine_tuning(settings: Settings) -> None:
     model_api.set_weights_resolver(VersionResolver())
     log.info("webhooks feed the fine-tune queue %r; projects are served their current model version",
              settings.queue_name)
+
+
+def create_deployed_app(settings: Settings | None = None, **kwargs):
+    """The app as ``hih-assist serve`` and ``backend.wsgi`` run it: ``create_app`` with the loop connected."""
+    from backend.app import create_app
+
+    settings = settings or Settings.from_env()
+    connect_fine_tuning(settings)
+    return create_app(settings, **kwargs)

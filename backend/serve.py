@@ -68,11 +68,9 @@ def run_server(settings: Settings | None = None) -> int:
                     self.cfg.set(key, value)
 
         def load(self):
-            from backend.app import create_app
-            from backend.loop import connect_fine_tuning
+            from backend.loop import create_deployed_app
 
-            connect_fine_tuning(settings)
-            return create_app(settings)
+            return create_deployed_app(settings)
 
     log.info(
         "hih-assist backend on http://%s:%d (%d worker(s), model %s)",

@@ -10,10 +10,6 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see hih_cli.py: before torch is imported
 
-from backend.app import create_app  # noqa: E402
-from backend.loop import connect_fine_tuning  # noqa: E402
-from hih_settings import Settings  # noqa: E402
+from backend.loop import create_deployed_app  # noqa: E402
 
-_settings = Settings.from_env()
-connect_fine_tuning(_settings)
-app = create_app(_settings)
+app = create_deployed_app()

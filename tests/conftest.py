@@ -41,3 +41,15 @@ def trained_weights() -> Path:
     if not (path / "meta.json").is_file():
         pytest.skip(f"needs the trained default model at {path}")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _reset_backend_hooks():
+    """Tests that wire the backend to the loop (``backend.loop``) must not leak the hooks into others."""
+    yield
+    import sys
+
+    model_api = sys.modules.get("backend.model_api")
+    if model_api is not None:
+        model_api.set_training_hook(None)
+        model_api.set_weights_resolver(None)

@@ -55,6 +55,7 @@ from active_learning import jobs, queue, registry
 from backend import app as app_module
 from backend import model_api
 from backend.app import create_app
+from backend.loop import create_deployed_app
 from hih_settings import PROJECT_ROOT, Settings
 from model.checkpoint import load_checkpoint
 from model.schemes import SCHEME_300W
@@ -475,28 +476,18 @@ def test_redis_gone_when_the_pointer_moves_keeps_the_current_version(settings: S
 
 
 # ------------------------------------------------------------------------------------------ wiring
-@pytest.mark.xfail(strict=False, reason=(
-    "nothing installs active_learning.queue.on_training_event as the backend's training hook "
-    "(backend.model_api.set_training_hook is only called by tests), so a deployed /webhook queues no job "
-    "and cannot answer 503 when Redis is down; owner: the learning-loop work (issue 5)"
-))  # fmt: skip
 def test_the_deployed_app_sends_webhooks_to_the_queue(tiny_checkpoint: Path, tmp_path: Path) -> None:
     s = make_settings(tmp_path, f"redis://127.0.0.1:{free_port()}/0", tiny_checkpoint)
     model_api.clear_caches()
-    r = create_app(s, warm_up=False).test_client().post(
+    r = create_deployed_app(s, warm_up=False).test_client().post(
         "/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}
     )
     assert r.status_code == 503 and "Redis" in r.json["error"]
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "nothing installs a weights resolver that reads active_learning.registry.current_version, so a deployed "
-    "backend keeps serving HIH_WEIGHTS after a fine-tuned version is published (no hot swap); owner: the "
-    "learning-loop work (issue 5)"
-))  # fmt: skip
 def test_the_deployed_app_serves_the_published_version(settings: Settings, tiny_checkpoint: Path,
                                                        image: Path) -> None:
     version = registry.publish(15, tiny_checkpoint, {"parent": "base"}, settings).version
     model_api.clear_caches()
-    client = create_app(settings, warm_up=False).test_client()
+    client = create_deployed_app(settings, warm_up=False).test_client()
     assert predict_version(client, 15, image) == version
