@@ -31,6 +31,29 @@ def _redis(settings: Any):
     return get_connection(settings)
 
 
+def _one_line_errors(fn):
+    """Label Studio, ML backend and Redis failures become ValueError: the CLI prints one line, exit 2."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(args: argparse.Namespace, settings: Any) -> int:
+        import redis
+        import requests
+
+        from active_learning.ls_client import LabelStudioError
+        from active_learning.queue import QueueUnavailable
+
+        try:
+            return fn(args, settings)
+        except (LabelStudioError, QueueUnavailable, redis.RedisError, requests.RequestException) as exc:
+            raise ValueError(str(exc)) from exc
+        except RuntimeError as exc:  # the ML backend's answers (MLBackendClient)
+            raise ValueError(str(exc)) from exc
+
+    return wrapper
+
+
+@_one_line_errors
 def cmd_rank(args: argparse.Namespace, settings: Any) -> int:
     from active_learning.review import namespace, rank_project
     from active_learning.uncertainty import face_score
@@ -64,6 +87,7 @@ def cmd_rank(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
+@_one_line_errors
 def cmd_preannotate(args: argparse.Namespace, settings: Any) -> int:
     from active_learning.preannotate import enqueue_preannotate, job_progress, preannotate_project
 

@@ -84,6 +84,8 @@ class LabelStudioAPI:
 
     @classmethod
     def from_settings(cls, settings: Any) -> LabelStudioAPI:
+        if not settings.label_studio_api_key:
+            raise ValueError("no Label Studio API key: set LABEL_STUDIO_API_KEY")
         return cls(settings.label_studio_url, settings.label_studio_api_key,
                    LabelStudioClient.from_settings(settings) if settings.label_studio_url else None)
 

@@ -109,6 +109,11 @@ def predict_records(weights: Path, records, cache: bool = True, batch: int = 32)
     return out
 
 
+def _rel(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def stats_of(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {f: pred[f] for f in U.STAT_FIELDS}
 
@@ -261,7 +266,7 @@ def select(weights: Path, data: Path, cache: bool) -> dict:
     close = [r for r in simple if r["spearman"] >= best["spearman"] - best["spearman_sd"] / np.sqrt(FOLDS)]
     recommended = max(close, key=lambda r: (round(r["point_spearman"], 3), r["spearman"]))
     out = {
-        "weights": str(weights), "faces": {"holdout": int((~is_ytf).sum()), "ytf": int(is_ytf.sum())},
+        "weights": _rel(weights), "faces": {"holdout": int((~is_ytf).sum()), "ytf": int(is_ytf.sum())},
         "folds": FOLDS, "nme_mean": {"holdout": float(e[~is_ytf].mean()), "ytf": float(e[is_ytf].mean())},
         "chosen": score_face_u("chosen: active_learning.uncertainty.face_uncertainty", chosen),
         "chosen_quantiles": {q: float(np.quantile(chosen, q / 100)) for q in (10, 25, 50, 75, 90)},
@@ -295,7 +300,7 @@ def print_selection(out: dict) -> None:
 # ------------------------------------------------------------------------------------------- bench
 def bench(weights: Path, data: Path, cache: bool, plot: Path) -> dict:
     sets = load_sets(data)
-    out: dict = {"weights": str(weights), "sets": {}}
+    out: dict = {"weights": _rel(weights), "sets": {}}
     curves = {}
     for name, folder in (("300w_val_lfpw", "lfpw"), ("ytf_train", "ytf")):
         pred = predict_records(weights, sets[folder], cache)
@@ -320,7 +325,7 @@ def _plot(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: Pat
     """One column per set; rows: the chosen uncertainty, the baseline; NME against the score."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
     kinds = ["uncertainty (chosen)", "baseline: -mean integer peak"]
     fig = Figure(figsize=(5.0 * len(curves), 4.0 * len(kinds)), dpi=110)
@@ -339,6 +344,7 @@ def _plot(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: Pat
                 ax.xaxis.set_minor_formatter(ScalarFormatter())
                 ax.set_xlabel("face uncertainty (crop px)")
             else:
+                ax.xaxis.set_major_locator(MaxNLocator(5))
                 ax.set_xlabel("-mean integer-heatmap peak")
             ax.set_yscale("log")
             ax.yaxis.set_major_formatter(ScalarFormatter())

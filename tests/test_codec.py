@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from model.codec import Geometry, decimal_label, decode, encode, from_heatmap_coords, labels_to_logits, split, to_heatmap_coords
+from model.codec import (
+    Geometry,
+    decimal_label,
+    decode,
+    encode,
+    from_heatmap_coords,
+    labels_to_logits,
+    split,
+    to_heatmap_coords,
+)
 
 GEOMETRIES = [Geometry(128, 32, 8), Geometry(256, 64, 8), Geometry(64, 16, 4)]
 
