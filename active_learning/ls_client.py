@@ -24,21 +24,16 @@ Errors: ``LabelStudioError`` (``reason``: ``network``, ``unauthorized``, ``not_f
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import logging
-import threading
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urljoin, urlsplit
 
 import numpy as np
 import requests
 
 from hih_settings import Settings
+
+from .images import ImageFetcher, ImageFetchError, LabelStudioAuth, LabelStudioError, is_jwt_refresh_token, jwt_claims
 
 log = logging.getLogger(__name__)
 
@@ -53,126 +48,6 @@ __all__ = [
 
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0
-MAX_REDIRECTS = 5
-CHUNK = 64 * 1024
-_LS_PREFIXES = ("/data/", "/storage-data/", "/tasks/", "/projects/")
-_CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure")
-
-
-class LabelStudioError(RuntimeError):
-    """A Label Studio API call that failed. ``reason``: a short code; ``status``: HTTP status or None."""
-
-    def __init__(self, reason: str, message: str, status: int | None = None):
-        super().__init__(message)
-        self.reason = reason
-        self.status = status
-
-
-class ImageFetchError(LabelStudioError):
-    """An image that could not be fetched or read (``reason``: ``missing``, ``unauthorized``, ``not_found``,
-    ``too_large``, ``forbidden_host``, ``http_error``, ``network``, ``unreadable``)."""
-
-
-# ------------------------------------------------------------------------------------------ credentials
-def jwt_claims(token: str) -> dict | None:
-    """The payload of a JWT (not verified), or None when ``token`` is not one."""
-    parts = (token or "").split(".")
-    if len(parts) != 3 or not all(parts):
-        return None
-    try:
-        claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        return None
-    return claims if isinstance(claims, dict) else None
-
-
-def is_jwt_refresh_token(token: str) -> bool:
-    """A Label Studio personal access token: a JWT whose ``token_type`` is ``refresh``."""
-    claims = jwt_claims(token)
-    return bool(claims) and claims.get("token_type") == "refresh"
-
-
-class LabelStudioAuth:
-    """The ``Authorization`` header for Label Studio (legacy token, personal access token, or access JWT).
-
-    ``kind``: ``none``, ``legacy`` (``Token <key>``), ``pat`` (refresh JWT -> ``Bearer <access>``, cached
-    until 30 s before its ``exp``, 4 minutes without one) or ``bearer`` (an access JWT, sent as is).
-    Thread-safe.
-    """
-
-    REFRESH_MARGIN = 30.0
-
-    def __init__(self, url: str, api_key: str, session: requests.Session | None = None,
-                 timeout: tuple[float, float] = (CONNECT_TIMEOUT, READ_TIMEOUT)):
-        self.url = (url or "").rstrip("/")
-        self.api_key = (api_key or "").strip()
-        self.session = session or requests.Session()
-        self.timeout = timeout
-        self._lock = threading.Lock()
-        self._access: str | None = None
-        self._expires = 0.0
-        claims = jwt_claims(self.api_key) if self.api_key else None
-        token_type = (claims or {}).get("token_type")
-        if not self.api_key:
-            self.kind = "none"
-        elif token_type == "refresh":
-            self.kind = "pat"
-        elif token_type == "access":
-            self.kind = "bearer"
-        else:
-            self.kind = "legacy"
-
-    def invalidate(self) -> None:
-        with self._lock:
-            self._access, self._expires = None, 0.0
-
-    def headers(self) -> dict[str, str]:
-        if self.kind == "none":
-            return {}
-        if self.kind == "legacy":
-            return {"Authorization": f"Token {self.api_key}"}
-        if self.kind == "bearer":
-            return {"Authorization": f"Bearer {self.api_key}"}
-        with self._lock:
-            if self._access is None or time.time() >= self._expires:
-                self._access, self._expires = self._refresh()
-            return {"Authorization": f"Bearer {self._access}"}
-
-    def _refresh(self) -> tuple[str, float]:
-        url = f"{self.url}/api/token/refresh/"
-        try:
-            r = self.session.post(url, json={"refresh": self.api_key}, timeout=self.timeout)
-        except requests.RequestException as exc:
-            raise LabelStudioError(
-                "network", f"cannot reach Label Studio at {url} to refresh the personal access token: {exc}"
-            ) from exc
-        if r.status_code in (400, 401, 403):
-            raise LabelStudioError(
-                "unauthorized",
-                f"Label Studio refused the personal access token (HTTP {r.status_code} from {url}): "
-                "LABEL_STUDIO_API_KEY is wrong, expired or revoked",
-                r.status_code,
-            )
-        try:
-            r.raise_for_status()
-            access = r.json()["access"]
-        except (requests.HTTPError, ValueError, KeyError, TypeError) as exc:
-            raise LabelStudioError(
-                "http_error", f"unexpected answer from {url} (HTTP {r.status_code})", r.status_code
-            ) from exc
-        exp = (jwt_claims(access) or {}).get("exp")
-        expires = float(exp) - self.REFRESH_MARGIN if isinstance(exp, (int, float)) else time.time() + 240.0
-        return access, expires
-
-
-def _host_port(url: str) -> tuple[str, int | None]:
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    port = port or {"http": 80, "https": 443}.get(parts.scheme)
-    return (parts.hostname or "").lower(), port
 
 
 # ------------------------------------------------------------------------------------------ the client
@@ -193,9 +68,9 @@ class LabelStudioClient:
         if isinstance(allowed_hosts, str):
             allowed_hosts = allowed_hosts.split(",")
         self.allowed_hosts = {h.strip().lower() for h in allowed_hosts if h.strip()}
-        self.session = requests.Session()
-        self.auth = LabelStudioAuth(self.url, api_key, self.session, timeout)
-        self._ls_host = _host_port(self.url) if self.url else ("", None)
+        self.images = ImageFetcher(self.url, api_key, allowed_hosts, self.max_image_bytes)
+        self.session = self.images.session
+        self.auth = self.images.auth
 
     @classmethod
     def from_settings(
@@ -328,152 +203,21 @@ class LabelStudioClient:
         return self.request("PATCH", f"/api/projects/{int(project_id)}", json=body)
 
     # ------------------------------------------------------------------ images
+    # One implementation of image fetching (hosts, credentials, limits): active_learning.images.ImageFetcher.
     def is_label_studio(self, url: str) -> bool:
-        return bool(self._ls_host[0]) and _host_port(url) == self._ls_host
+        return self.images.is_label_studio(url)
 
     def is_allowed(self, url: str) -> bool:
-        host, port = _host_port(url)
-        return host in self.allowed_hosts or f"{host}:{port}" in self.allowed_hosts
+        return self.images.is_allowed(url)
 
     def resolve(self, value: str, task_id: int | None = None) -> str:
         """A task's image value -> the URL (or ``file://``/``data:`` value/path) that will be read."""
-        value = value.strip()
-        scheme = urlsplit(value).scheme.lower()
-        if value.startswith(_LS_PREFIXES):
-            return self._ls_url(value)
-        if scheme in _CLOUD_SCHEMES:
-            if task_id is None:
-                raise ImageFetchError("missing", f"cannot resolve the cloud storage URI {value}: no task id")
-            fileuri = base64.urlsafe_b64encode(value.encode()).decode()
-            return self._ls_url(f"/tasks/{int(task_id)}/resolve/?fileuri={fileuri}")
-        return value
-
-    def _ls_url(self, path: str) -> str:
-        if not self.url:
-            raise ImageFetchError("missing", f"{path} is a Label Studio path but LABEL_STUDIO_URL is not set")
-        return urljoin(self.url + "/", path.lstrip("/"))
+        return self.images.resolve(value, task_id)
 
     def fetch(self, value: str, task_id: int | None = None) -> np.ndarray:
         """The image a task's value points to, as RGB uint8 (H, W, 3) in display orientation."""
-        from model.image_io import ImageError, load_image
-
-        data, source = self._fetch(value, task_id)
-        try:
-            return load_image(data)
-        except ImageError as exc:
-            raise ImageFetchError("unreadable", f"cannot read the image {source}: {exc}") from exc
+        return self.images.fetch(value, task_id)
 
     def fetch_bytes(self, value: str, task_id: int | None = None) -> bytes:
         """The encoded image file a task's value points to (not decoded; see ``fetch``)."""
-        return self._fetch(value, task_id)[0]
-
-    def _fetch(self, value: str, task_id: int | None) -> tuple[bytes, str]:
-        if not isinstance(value, str) or not value.strip():
-            raise ImageFetchError("missing", "the task has no image (empty value)")
-        url = self.resolve(value, task_id)
-        scheme = urlsplit(url).scheme.lower()
-        if scheme in ("http", "https"):
-            return self._download(url), url
-        if scheme == "data":
-            return self._data_uri(url), "data: URI"
-        if scheme == "file" or scheme == "" or (len(scheme) == 1 and url[1:3] in (":\\", ":/")):
-            path = Path(unquote(urlsplit(url).path) if scheme == "file" else url).expanduser()
-            return self._read_file(path), str(path)
-        raise ImageFetchError("forbidden_host", f"unsupported image URL scheme {scheme!r}: {url}")
-
-    def _read_file(self, path: Path) -> bytes:
-        if not path.is_file():
-            raise ImageFetchError("not_found", f"image file not found: {path}")
-        size = path.stat().st_size
-        if size > self.max_image_bytes:
-            raise ImageFetchError(
-                "too_large", f"image {path} is {size} bytes, over MAX_IMAGE_BYTES={self.max_image_bytes}"
-            )
-        return path.read_bytes()
-
-    def _data_uri(self, url: str) -> bytes:
-        head, _, payload = url.partition(",")
-        if ";base64" not in head:
-            raise ImageFetchError("unreadable", "data: URIs must be base64-encoded images")
-        if len(payload) * 3 // 4 > self.max_image_bytes:
-            raise ImageFetchError(
-                "too_large", f"data: URI image is over MAX_IMAGE_BYTES={self.max_image_bytes}"
-            )
-        try:
-            return base64.b64decode(payload, validate=False)
-        except (binascii.Error, ValueError) as exc:
-            raise ImageFetchError("unreadable", f"bad base64 in data: URI: {exc}") from exc
-
-    def _download(self, url: str) -> bytes:
-        if not self.is_label_studio(url) and not self.is_allowed(url):
-            raise ImageFetchError(
-                "forbidden_host",
-                f"refusing to fetch {url}: host {urlsplit(url).netloc} is neither Label Studio's "
-                f"({self.url or 'unset'}) nor listed in ALLOWED_IMAGE_HOSTS",
-            )
-        retried_auth = False
-        from_label_studio = False
-        for _ in range(MAX_REDIRECTS + 1):
-            on_ls = self.is_label_studio(url)
-            try:
-                headers = self.auth.headers() if on_ls else {}
-            except LabelStudioError as exc:
-                raise ImageFetchError(exc.reason, str(exc), exc.status) from exc
-            try:
-                r = self.session.get(url, headers=headers, stream=True, timeout=self.timeout,
-                                     allow_redirects=False)
-            except requests.RequestException as exc:
-                raise ImageFetchError("network", f"cannot download {url}: {exc}") from exc
-            with r:
-                if r.status_code in (301, 302, 303, 307, 308):
-                    location = r.headers.get("Location")
-                    if not location:
-                        raise ImageFetchError("http_error", f"redirect without a Location from {url}")
-                    from_label_studio = from_label_studio or on_ls
-                    nxt = urljoin(url, location)
-                    # Label Studio may redirect to a presigned cloud URL; others only within the allow-list
-                    if not (from_label_studio or self.is_label_studio(nxt) or self.is_allowed(nxt)):
-                        raise ImageFetchError(
-                            "forbidden_host", f"{url} redirects to {nxt}, whose host is not allowed"
-                        )
-                    url = nxt
-                    continue
-                if r.status_code in (401, 403) and on_ls:
-                    if self.auth.kind == "pat" and not retried_auth:
-                        self.auth.invalidate()  # the cached access token may have expired early: once more
-                        retried_auth = True
-                        continue
-                    raise ImageFetchError(
-                        "unauthorized",
-                        f"Label Studio refused the image download (HTTP {r.status_code}): "
-                        "LABEL_STUDIO_API_KEY is wrong or missing",
-                        r.status_code,
-                    )
-                if r.status_code == 404:
-                    raise ImageFetchError("not_found", f"image not found (HTTP 404): {url}", 404)
-                if r.status_code >= 400:
-                    raise ImageFetchError(
-                        "http_error", f"image download failed (HTTP {r.status_code}): {url}", r.status_code
-                    )
-                return self._read_body(r, url)
-        raise ImageFetchError("http_error", f"too many redirects fetching {url}")
-
-    def _read_body(self, r: requests.Response, url: str) -> bytes:
-        declared = r.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > self.max_image_bytes:
-            raise ImageFetchError(
-                "too_large", f"image {url} is {declared} bytes, over MAX_IMAGE_BYTES={self.max_image_bytes}"
-            )
-        buf = bytearray()
-        try:
-            for chunk in r.iter_content(CHUNK):
-                buf.extend(chunk)
-                if len(buf) > self.max_image_bytes:
-                    raise ImageFetchError(
-                        "too_large", f"image {url} is over MAX_IMAGE_BYTES={self.max_image_bytes} bytes"
-                    )
-        except requests.RequestException as exc:
-            raise ImageFetchError("network", f"download of {url} broke off: {exc}") from exc
-        if not buf:
-            raise ImageFetchError("unreadable", f"image {url} is empty")
-        return bytes(buf)
+        return self.images.fetch_bytes(value, task_id)

@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from active_learning.images import ImageFetcher, ImageFetchError
 from active_learning.queue import QueueUnavailable
 from active_learning.uncertainty import score_faces
-from backend.images import ImageFetcher, ImageFetchError
 from backend.label_config import LabelMapping, parse_label_config
 from backend.metrics import METRICS
 from backend.results import empty_prediction, percent_to_rect, prediction_from_faces

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.images import ImageFetcher, ImageFetchError, is_jwt_refresh_token, jwt_claims
+from active_learning.images import ImageFetcher, ImageFetchError, is_jwt_refresh_token, jwt_claims
 
 LEGACY = "legacy0token0abc"
 

@@ -37,9 +37,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from active_learning.images import ImageFetcher, ImageFetchError
 from backend import model_api
 from backend.app import create_app
-from backend.images import ImageFetcher, ImageFetchError
 from backend.metrics import METRICS
 from hih_settings import PROJECT_ROOT, Settings
 from model.image_io import ImageError, load_image

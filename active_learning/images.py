@@ -1,4 +1,6 @@
-"""Fetching a task's image, from every place a Label Studio task can point to.
+"""Fetching a task's image, from every place a Label Studio task can point to, with Label Studio's credentials.
+
+The one implementation: the backend (``/predict``) and the jobs (``active_learning.ls_client``) both use it.
 
 ``ImageFetcher.fetch(value, task_id)`` accepts:
 
@@ -43,7 +45,9 @@ from model.image_io import ImageError, load_image
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ImageFetchError", "ImageFetcher", "LabelStudioAuth", "is_jwt_refresh_token", "jwt_claims"]
+__all__ = [
+    "ImageFetchError", "ImageFetcher", "LabelStudioAuth", "LabelStudioError", "is_jwt_refresh_token", "jwt_claims",
+]
 
 CONNECT_TIMEOUT = 5.0
 READ_TIMEOUT = 30.0
@@ -57,16 +61,22 @@ _LS_PREFIXES = ("/data/", "/storage-data/", "/tasks/", "/projects/")
 _CLOUD_SCHEMES = ("s3", "gs", "azure-blob", "azure")
 
 
-class ImageFetchError(Exception):
-    """An image that could not be fetched or read. ``reason``: a short code (``missing``, ``unauthorized``,
-    ``not_found``, ``too_large``, ``forbidden_host``, ``http_error``, ``network``, ``unreadable``)."""
+class LabelStudioError(RuntimeError):
+    """A Label Studio request that failed: ``reason`` (``network``, ``unauthorized``, ``not_found``,
+    ``http_error``, ``bad_response``, ...), ``status`` (the HTTP status or None) and a message saying what
+    to fix."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, status: int | None = None):
         super().__init__(message)
         self.reason = reason
+        self.status = status
 
 
-# ---------------------------------------------------------------------------------------- credentials
+class ImageFetchError(LabelStudioError):
+    """A task image that cannot be had; ``reason`` also ``missing``, ``too_large``, ``forbidden_host``,
+    ``unreadable``."""
+
+
 def jwt_claims(token: str) -> dict | None:
     """The payload of a JWT (not verified), or None when ``token`` is not one."""
     parts = token.split(".")
@@ -246,6 +256,17 @@ class ImageFetcher:
     # -- reading
     def fetch(self, value: str, task_id: int | None = None) -> np.ndarray:
         """The image a task's value points to, as RGB uint8 (H, W, 3) in display orientation."""
+        data, source = self._fetch(value, task_id)
+        try:
+            return load_image(data)
+        except ImageError as exc:
+            raise ImageFetchError("unreadable", f"cannot read the image {source}: {exc}") from exc
+
+    def fetch_bytes(self, value: str, task_id: int | None = None) -> bytes:
+        """The encoded image file a task's value points to, its header checked (see ``fetch``)."""
+        return self._fetch(value, task_id)[0]
+
+    def _fetch(self, value: str, task_id: int | None) -> tuple[bytes, str]:
         if not isinstance(value, str) or not value.strip():
             raise ImageFetchError("missing", "the task has no image (empty value)")
         url = self.resolve(value, task_id)
@@ -261,10 +282,7 @@ class ImageFetcher:
         else:
             raise ImageFetchError("forbidden_host", f"unsupported image URL scheme {scheme!r}: {url}")
         self._check_header(data, source)
-        try:
-            return load_image(data)
-        except ImageError as exc:
-            raise ImageFetchError("unreadable", f"cannot read the image {source}: {exc}") from exc
+        return data, source
 
     @staticmethod
     def _check_header(data: bytes, source: str) -> None:
