@@ -13,8 +13,8 @@ The model: ``--weights``, else the shipped ``weights/hih_cpu_300w`` when present
 image: a 300-W LFPW test face from ``HIH_DATA_DIR`` when present (so the detector finds a face and the full
 pipeline runs), else a synthetic texture (no face: detection only).
 
-    .venv/bin/python benchmarks/bench_load.py                      # 1 and 2 workers, 20 s each
-    .venv/bin/python benchmarks/bench_load.py --workers 1 2 4 --duration 30 --clients 8
+    .venv/bin/python benchmarks/bench_load.py              # 1 and 2 workers x 1 and 4 clients, 20 s each
+    .venv/bin/python benchmarks/bench_load.py --workers 1 2 4 --clients 8 --duration 30
 """
 
 from __future__ import annotations
@@ -117,6 +117,68 @@ class Backend:
         self.log.close()
 
 
+def cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of process ``root`` and its descendants (Linux /proc; 0 elsewhere)."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    stats: dict[int, tuple[int, float]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            stats[int(stat.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+        except (OSError, ValueError, IndexError):
+            continue
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, (0, 0.0))[1]
+        todo.extend(child for child, (parent, _) in stats.items() if parent == pid)
+    return total
+
+
+def busy_others(exclude: set[int], seconds: float = 1.0, threshold: float = 0.2) -> list[str]:
+    """Other processes that kept at least ``threshold`` of a core busy over ``seconds`` (competition for the
+    cores that the numbers should be read with)."""
+    def sample() -> dict[int, float]:
+        out = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                out[int(stat.parent.name)] = int(fields[11]) + int(fields[12])
+            except (OSError, ValueError, IndexError):
+                continue
+        return out
+
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    first = sample()
+    time.sleep(seconds)
+    second = sample()
+    found = []
+    for pid, ticks in second.items():
+        share = (ticks - first.get(pid, ticks)) / tick / seconds
+        if pid not in exclude and share >= threshold:
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                cmd = "?"
+            found.append(f"{share:.2f} cores: {cmd.strip()[:100]}")
+    return found
+
+
+def tree(root: int) -> set[int]:
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    out, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        out.add(pid)
+        todo.extend(child for child, parent in parents.items() if parent == pid)
+    return out
+
+
 def drive(url: str, body: bytes, n_tasks: int, clients: int, seconds: float) -> dict:
     """``clients`` threads posting ``body`` to /predict until ``seconds`` pass; latencies and errors."""
     stop_at = time.monotonic() + seconds
@@ -173,7 +235,7 @@ def drive(url: str, body: bytes, n_tasks: int, clients: int, seconds: float) -> 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="gunicorn worker counts")
-    ap.add_argument("--clients", type=int, default=4, help="concurrent clients (the same for every run)")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4], help="concurrent client counts")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of load per worker count")
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds of load before measuring")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per worker (THREADS)")
@@ -188,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = json.loads((weights / "meta.json").read_text())
     print(f"model: {weights} -- {weights_note} (version {meta.get('version')})")
     print(f"image: {image} -- {image_note}")
-    print(f"{args.clients} clients, {args.duration:.0f} s per run after {args.warmup:.0f} s warm-up, "
+    print(f"clients {args.clients}, {args.duration:.0f} s per run after {args.warmup:.0f} s warm-up, "
           f"{args.tasks} task(s) per request, {args.threads} torch thread(s) per worker, "
           f"{os.cpu_count()} CPU cores")  # fmt: skip
     tasks = [{"id": i + 1, "data": {"image": str(image)}} for i in range(args.tasks)]
@@ -199,19 +261,32 @@ def main(argv: list[str] | None = None) -> int:
         server = Backend(weights, workers, args.threads, scratch / f"gunicorn-{workers}.log")
         try:
             # warm-up: enough concurrent requests that every worker loads the model before measuring
-            drive(server.url, body, args.tasks, max(args.clients, 2 * workers), args.warmup)
-            row = {"workers": workers, "clients": args.clients,
-                   **drive(server.url, body, args.tasks, args.clients, args.duration)}  # fmt: skip
+            drive(server.url, body, args.tasks, max(*args.clients, 2 * workers), args.warmup)
+            for clients in args.clients:
+                others = busy_others(tree(server.proc.pid) | {os.getpid()})
+                load_before, cpu_before = os.getloadavg()[0], cpu_seconds(server.proc.pid)
+                row = {"workers": workers, "clients": clients,
+                       **drive(server.url, body, args.tasks, clients, args.duration)}  # fmt: skip
+                # cores the server kept busy, and the 1-minute load average before and after (other processes
+                # competing for the cores show there)
+                cpu = cpu_seconds(server.proc.pid) - cpu_before
+                row["server_cores_busy"] = round(cpu / row["wall_s"], 2)
+                row["cpu_ms_per_request"] = round(cpu * 1000 / max(1, row["requests"]), 1)
+                row["loadavg_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+                row["other_busy_processes"] = others
+                rows.append(row)
+                for line in others:
+                    print(f"    competing: {line}")
+                print(f"  {workers} worker(s), {clients} client(s): {row['throughput_rps']} req/s, "
+                      f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, {row['errors']} errors, "
+                      f"server busy on {row['server_cores_busy']} cores")  # fmt: skip
         finally:
             server.stop()
-        rows.append(row)
-        print(f"  {workers} worker(s): {row['throughput_rps']} req/s, p50 {row['p50_ms']} ms, "
-              f"p99 {row['p99_ms']} ms, {row['errors']} errors")  # fmt: skip
     base = rows[0]["throughput_rps"] or 1.0
     for row in rows:
         row["speedup"] = round(row["throughput_rps"] / base, 2)
     columns = ["workers", "clients", "requests", "throughput_rps", "speedup", "p50_ms", "p90_ms", "p99_ms",
-               "max_ms", "errors", "tasks_with_faces"]
+               "max_ms", "errors", "server_cores_busy", "cpu_ms_per_request", "loadavg_1m"]
     print_table(rows, columns, title="/predict under load (loopback, gunicorn)")
     if not args.no_write:
         command = "python benchmarks/bench_load.py " + " ".join(argv if argv is not None else sys.argv[1:])

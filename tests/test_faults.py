@@ -54,7 +54,6 @@ from PIL import Image
 from active_learning import jobs, queue, registry
 from backend import app as app_module
 from backend import model_api
-from backend.app import create_app
 from backend.loop import create_deployed_app
 from hih_settings import PROJECT_ROOT, Settings
 from model.checkpoint import load_checkpoint
@@ -148,23 +147,13 @@ def settings_env(s: Settings) -> dict[str, str]:
     return env
 
 
-def registry_resolver(project_id: str | None, settings: Settings) -> Path:
-    """Serve each project's current published version (the hot-swap contract of active_learning.registry)."""
-    if not project_id or not project_id.isdigit():
-        return Path(settings.weights)
-    info = registry.current_version(int(project_id), settings)
-    return registry.load_path(info, settings) if info is not None else Path(settings.weights)
-
-
 @contextlib.contextmanager
 def backend(s: Settings) -> Iterator:
-    """The Flask app wired to the learning loop as it is meant to be: webhooks to the queue, predictions
-    from the project's current version."""
+    """The app as deployed (``backend.loop.create_deployed_app``): webhooks to the queue, predictions from
+    each project's current version in the registry."""
     model_api.clear_caches()
-    model_api.set_training_hook(lambda event, payload: queue.on_training_event(event, payload, s))
-    model_api.set_weights_resolver(registry_resolver)
     try:
-        yield create_app(s, warm_up=False).test_client()
+        yield create_deployed_app(s, warm_up=False).test_client()
     finally:
         model_api.set_training_hook(None)
         model_api.set_weights_resolver(None)

@@ -112,10 +112,9 @@ def env(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, request
     )  # fmt: skip
     model_api.clear_caches()
     METRICS.reset()
-    if url:
-        model_api.set_training_hook(lambda event, payload: queue.on_training_event(event, payload, s))
     app = create_app(s, warm_up=False)
-    yield SimpleNamespace(client=app.test_client(), image=image, settings=s, redis=url)
+    hook = (lambda event, payload: queue.on_training_event(event, payload, s)) if url else None
+    yield SimpleNamespace(client=app.test_client(), image=image, settings=s, redis=url, hook=hook)
     model_api.set_training_hook(None)
     with app_module._schemas_lock:  # label configs /setup remembered for fuzzed project ids
         app_module._schemas.clear()
@@ -140,6 +139,13 @@ def announce(request: pytest.FixtureRequest, line: str) -> None:
         return
     with capman.global_and_fixture_disabled():
         reporter.write_line("\n" + line)
+
+
+@pytest.fixture
+def wired(env) -> SimpleNamespace:
+    """Webhooks go to the real queue for this test (tests/conftest.py unhooks after every test)."""
+    model_api.set_training_hook(env.hook)
+    return env
 
 
 # ------------------------------------------------------------------------------------------ checking
@@ -483,7 +489,8 @@ def test_configs_without_keypoints_are_422_naming_what_is_missing(env) -> None:
 
 # ------------------------------------------------------------------------------------------ /webhook
 @pytest.mark.timeout(300)
-def test_webhook_answers_201_or_400_for_any_event(env) -> None:
+def test_webhook_answers_201_or_400_for_any_event(wired) -> None:
+    env = wired
     """Known actions with any payload, unknown actions, junk: 201 (queued or not, with the reason) or 400."""
 
     @fuzz_settings(250)
@@ -513,7 +520,8 @@ def test_webhook_answers_201_or_400_for_any_event(env) -> None:
     run()
 
 
-def test_a_burst_of_webhooks_queues_one_job_per_project(env) -> None:
+def test_a_burst_of_webhooks_queues_one_job_per_project(wired) -> None:
+    env = wired
     if not env.redis:
         pytest.skip("needs a Redis (REDIS_URL or 127.0.0.1:6379)")
     from active_learning import queue
