@@ -14,6 +14,7 @@ which is missing, otherwise.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import queue
@@ -131,7 +132,10 @@ def test_demo_runs_screenshots_a_preannotated_face_and_stops_everything(tmp_path
 
         # what the demo set up, as Label Studio stores it
         assert ready["model_version"], ready
-        assert len(ready["tasks"]) >= 2 and sum(ready["faces"]) >= 2, ready  # astronaut + Grace Hopper
+        # Grace Hopper (matplotlib's sample data) always; the astronaut too where scikit-image (the `demo`
+        # extra) is installed
+        expected = 2 if importlib.util.find_spec("skimage") is not None else 1
+        assert len(ready["tasks"]) >= expected and sum(ready["faces"]) >= expected, ready
         assert ready["workers"], "no fine-tune worker registered on the queue"
         text = "".join(output)
         assert "password" in text and "log in as" in text and f"/projects/{ready['project']}/" in text
