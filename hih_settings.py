@@ -95,16 +95,16 @@ class Settings:
         metadata={"env": "HIH_EMBEDDED_REDIS", "doc": "Database file of the embedded Redis (REDIS_URL unset)."},
     )
     finetune_epochs: int = field(
-        default=30, metadata={"env": "FINETUNE_EPOCHS", "doc": "Epochs of a background fine-tune job."}
+        default=40, metadata={"env": "FINETUNE_EPOCHS", "doc": "Epochs of a background fine-tune job."}
     )
     finetune_lr: float = field(
-        default=5e-4, metadata={"env": "FINETUNE_LR", "doc": "Peak learning rate of a fine-tune job."}
+        default=1e-3, metadata={"env": "FINETUNE_LR", "doc": "Peak learning rate of a fine-tune job."}
     )
     finetune_replay: int = field(
-        default=100,
+        default=300,
         metadata={
             "env": "FINETUNE_REPLAY",
-            "doc": "300-W training faces (from HIH_DATA_DIR, if present) mixed into fine-tuning jobs.",
+            "doc": "300-W training faces (HIH_DATA_DIR, if present) sampled into fine-tuning, 70 an epoch.",
         },
     )
     holdout_fraction: float = field(

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from active_learning.finetune import (  # noqa: E402
+    AUGMENT,
     FinetuneOptions,
     check_records_300w,
     finetune,
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--holdout-fraction", type=float, default=settings.holdout_fraction)
     parser.add_argument("--replay", type=int, default=settings.finetune_replay,
                         help="300-W training faces mixed in (default: $FINETUNE_REPLAY, as the jobs)")
+    parser.add_argument("--replay-per-epoch", type=int, default=FinetuneOptions.replay_per_epoch)
+    parser.add_argument("--augment", default=FinetuneOptions.augment, choices=sorted(AUGMENT))
     parser.add_argument("--flip", type=float, default=FinetuneOptions.flip, help="mirroring probability")
     parser.add_argument("--no-freeze-bn", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
@@ -120,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     before_ytf, before_val = nme(init, test), nme(init, val)
     options = FinetuneOptions(
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, holdout_fraction=args.holdout_fraction,
-        replay_faces=args.replay, freeze_bn=not args.no_freeze_bn, flip=args.flip, seed=args.seed,
+        replay_faces=args.replay, replay_per_epoch=args.replay_per_epoch, augment=args.augment,
+        freeze_bn=not args.no_freeze_bn, flip=args.flip, seed=args.seed,
         device="cpu", threads=args.threads,
     )
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:

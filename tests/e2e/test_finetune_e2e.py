@@ -2,7 +2,8 @@
 
 Annotated LFPW faces in a Label Studio project; training triggered from Label Studio (``POST
 /api/ml/{id}/train`` makes Label Studio send START_TRAINING to the connected ML backend's ``/webhook``; a stub
-backend hands the payload to ``active_learning.queue.on_training_event``, as the real backend does); a worker
+backend hands the payload to ``active_learning.queue.on_training_event``, as the real backend does; one test
+runs the deployed backend itself, webhooks and predictions included); a worker
 process fine-tunes, publishes, writes predictions and sets the project's model_version. Failures (annotations
 without all points, images deleted from Label Studio) and a worker killed mid-training leave the old version
 current with a clear reason, and the next job succeeds.
@@ -10,8 +11,11 @@ current with a clear reason, and the next job succeeds.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -90,6 +94,53 @@ def start_training_from_label_studio(ls: LabelStudioServer, pid: int, settings) 
 
 def job_of(settings, job_id):
     return queue.get_queue(settings).fetch_job(job_id)
+
+
+@contextlib.contextmanager
+def deployed_backend(settings) -> Iterator[str]:
+    """The backend as ``hih-assist serve`` runs it (``backend.loop``: webhooks -> queue, current versions),
+    as a real threaded HTTP server on 127.0.0.1 -> its URL."""
+    from werkzeug.serving import make_server
+
+    from backend import model_api
+    from backend.loop import create_deployed_app
+
+    model_api.clear_caches()
+    server = make_server("127.0.0.1", 0, create_deployed_app(settings, warm_up=False), threaded=True)
+    threading.Thread(target=server.serve_forever, name="hih-backend-finetune-e2e", daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        model_api.set_training_hook(None)
+        model_api.set_weights_resolver(None)
+        model_api.clear_caches()
+
+
+@pytest.mark.data
+def test_the_deployed_backend_trains_from_label_studio_and_serves_the_new_version(
+    label_studio: LabelStudioServer, label_config_xml: str, faces, settings, data_dir, tmp_path
+):
+    """Label Studio's "Start training" reaches the real backend's /webhook; the worker publishes; Label Studio
+    follows the new version, and its next "Retrieve predictions" is answered by that version."""
+    ls = label_studio
+    pid = annotated_project(ls, label_config_xml, faces, "fine-tune e2e deployed")
+    whole = sorted((data_dir / "300w" / "test_full" / "lfpw").glob("*.jpg"))[0]
+    (new_task,) = ls.upload_files(pid, [whole])  # a face nobody annotated yet
+    with deployed_backend(settings) as url:
+        backend_id = ls.connect_ml_backend(pid, url)
+        ls.train_ml_backend(backend_id)
+        assert wait_for(lambda: queue.pending_job_id(pid, settings), timeout=15)
+        assert run_worker_burst(settings, tmp_path / "worker.log") == 0
+        version = f"hih-p{pid}-v1"
+        assert registry.current_version(pid, settings).version == version, (
+            (tmp_path / "worker.log").read_text()[-3000:])
+        assert ls.get_project(pid)["model_version"] == version
+        ls.retrieve_predictions(pid, [new_task])
+        served = [p for p in ls.get_predictions(new_task) if p["model_version"] == version]
+        assert len(served) == 1, ls.get_predictions(new_task)
+        assert any(r["type"] == "keypointlabels" for r in served[0]["result"])
 
 
 @pytest.mark.data
