@@ -179,7 +179,13 @@ def create_app(settings: Settings | None = None, *, warm_up: bool = True) -> Fla
 
     @app.get("/metrics")
     def metrics():
-        return Response(METRICS.render(), mimetype="text/plain", content_type="text/plain; version=0.0.4")
+        from backend.loop import connected_settings, loop_metrics
+
+        body = METRICS.render()
+        loop_settings = connected_settings()
+        if loop_settings is not None:  # jobs and versions, where this process feeds the fine-tune queue
+            body = body.rstrip("\n") + "\n" + loop_metrics(loop_settings)
+        return Response(body, mimetype="text/plain", content_type="text/plain; version=0.0.4")
 
     @app.get("/versions")
     def versions():

@@ -52,8 +52,26 @@ class VersionResolver:
         return path
 
 
+_connected: Settings | None = None
+
+
+def connected_settings() -> Settings | None:
+    """The settings the loop was connected with in this process, or None (predictions only)."""
+    return _connected
+
+
+def disconnect_fine_tuning() -> None:
+    """Undo ``connect_fine_tuning``: webhooks are only logged, every project gets the base weights."""
+    global _connected
+    _connected = None
+    model_api.set_training_hook(None)
+    model_api.set_weights_resolver(None)
+
+
 def connect_fine_tuning(settings: Settings) -> None:
     """Install the queue's webhook handler and the registry's version resolver into ``backend.model_api``."""
+    global _connected
+    _connected = settings
     model_api.set_training_hook(lambda event, payload: queue.on_training_event(event, payload, settings))
     model_api.set_weights_resolver(VersionResolver())
     log.info("webhooks feed the fine-tune queue %r; projects are served their current model version",
@@ -67,3 +85,28 @@ def create_deployed_app(settings: Settings | None = None, **kwargs):
     settings = settings or Settings.from_env()
     connect_fine_tuning(settings)
     return create_app(settings, **kwargs)
+
+
+def loop_metrics(settings: Settings) -> str:
+    """Prometheus lines for the loop's state: Redis reachable, and per project the current version, versions
+    published, pending job, annotations counted since the last job, and jobs by status."""
+    lines = ["# TYPE hih_queue_up gauge"]
+    try:
+        status = registry.project_status(settings)
+    except queue.QueueUnavailable as exc:
+        log.warning("/metrics: no loop state (%s)", exc)
+        return "\n".join([*lines, "hih_queue_up 0", ""])
+    lines.append("hih_queue_up 1")
+    for pid, st in status["projects"].items():
+        lab = f'project="{pid}"'
+        lines.append(f'hih_project_current_version{{{lab},version="{st["current"]}"}} 1')
+        lines.append(f"hih_project_versions{{{lab}}} {len(st['versions'])}")
+        lines.append(f"hih_project_pending_job{{{lab}}} {1 if st['pending'] else 0}")
+        lines.append(f"hih_project_new_annotations{{{lab}}} {int(st['new_annotations'] or 0)}")
+        counts: dict[str, int] = {}
+        for job in st["jobs"]:
+            state = str(job.get("status", "unknown")) if isinstance(job, dict) else "unknown"
+            counts[state] = counts.get(state, 0) + 1
+        for state, n in sorted(counts.items()):
+            lines.append(f'hih_project_jobs{{{lab},status="{state}"}} {n}')
+    return "\n".join(lines) + "\n"

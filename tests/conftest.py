@@ -49,6 +49,9 @@ def _reset_backend_hooks():
     yield
     import sys
 
+    loop = sys.modules.get("backend.loop")
+    if loop is not None:
+        loop.disconnect_fine_tuning()
     model_api = sys.modules.get("backend.model_api")
     if model_api is not None:
         model_api.set_training_hook(None)

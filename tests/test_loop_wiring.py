@@ -66,6 +66,10 @@ def test_webhooks_queue_one_job_per_project(wired):
     assert q.count == 1  # 3 events reached TRAIN_AFTER: one job; the next two wait behind it
     assert client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 5}}).status_code == 201
     assert q.count == 1  # still one pending job for the project
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "hih_queue_up 1" in metrics
+    assert 'hih_project_pending_job{project="5"} 1' in metrics
+    assert 'hih_project_current_version{project="5",version="base"} 1' in metrics
 
 
 def test_predictions_survive_redis_going_down(tmp_path):
