@@ -56,3 +56,32 @@ def _reset_backend_hooks():
     if model_api is not None:
         model_api.set_training_hook(None)
         model_api.set_weights_resolver(None)
+
+
+# ---------------------------------------------------------------- the learning loop: Redis and isolated settings
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real Redis for the session: $REDIS_URL when set, else a private redis-server (tests/finetune_helpers)."""
+    from finetune_helpers import redis_server
+
+    with redis_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random hih_tiny checkpoint to fine-tune from (fast; far from good)."""
+    from finetune_helpers import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny")
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_url: str, base: Path):
+    """Settings of an isolated deployment (own queue and key namespace, model dir); its keys are removed after.
+    Modules that need other settings define their own ``settings`` fixture, which takes precedence."""
+    from finetune_helpers import delete_namespace, make_settings
+
+    s = make_settings(tmp_path, redis_url, base)
+    yield s
+    delete_namespace(redis_url, s.queue_name)

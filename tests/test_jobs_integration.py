@@ -16,13 +16,10 @@ import pytest
 import torch
 from finetune_helpers import (
     LFPW_TEST,
-    delete_namespace,
     free_port,
     keypoint_result,
     make_settings,
-    redis_server,
     run_worker_burst,
-    tiny_checkpoint,
 )
 
 from active_learning import jobs, queue, registry
@@ -150,24 +147,7 @@ class FakeLabelStudio:
         return {"id": project_id, "model_version": version}
 
 
-@pytest.fixture(scope="module")
-def redis_url():
-    with redis_server() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny")
-
-
-@pytest.fixture
-def settings(tmp_path, redis_url, base):
-    s = make_settings(tmp_path, redis_url, base)
-    yield s
-    delete_namespace(redis_url, s.queue_name)
-
-
+# the redis_url, base and settings fixtures are shared: tests/conftest.py
 @pytest.fixture(scope="module")
 def lfpw_tasks(data_dir):
     records = load_300w_folder(data_dir / LFPW_TEST)[:8]

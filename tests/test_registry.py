@@ -10,30 +10,13 @@ import threading
 from dataclasses import replace
 
 import pytest
-from finetune_helpers import delete_namespace, make_settings, redis_server, settings_env, tiny_checkpoint
+from finetune_helpers import make_settings, settings_env
 
 from active_learning import queue, registry
 from hih_settings import PROJECT_ROOT
 
 
-@pytest.fixture(scope="module")
-def redis_url():
-    with redis_server() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny")
-
-
-@pytest.fixture
-def settings(tmp_path, redis_url, base):
-    s = make_settings(tmp_path, redis_url, base)
-    yield s
-    delete_namespace(redis_url, s.queue_name)
-
-
+# the redis_url, base and settings fixtures are shared: tests/conftest.py
 def test_publish_makes_numbered_complete_versions_and_moves_the_pointer(settings, base):
     assert registry.current_version(7, settings) is None
     v1 = registry.publish(7, base, {"parent": "base", "holdout_nme_before": 0.2, "holdout_nme_after": 0.1},
