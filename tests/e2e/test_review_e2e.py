@@ -11,12 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from finetune_helpers import delete_namespace, kill_tree, redis_server
 
 from active_learning import uncertainty as U
 from active_learning.preannotate import enqueue_preannotate, preannotate_project
@@ -37,38 +34,17 @@ redis = pytest.importorskip("redis")
 
 @contextlib.contextmanager
 def _redis() -> Iterator[tuple[Any, str, str]]:
-    """(connection, url, namespace): REDIS_URL when set, else a redis-server on a free port."""
+    """(connection, url, namespace): the shared test Redis (tests/finetune_helpers.redis_server); the
+    namespace's keys are removed afterwards."""
+    import redis
+
     ns = f"hih-e2e-{secrets.token_hex(4)}"
-    url = os.environ.get("REDIS_URL")
-    if url:
+    with redis_server() as url:
         conn = redis.Redis.from_url(url)
         try:
             yield conn, url, ns
         finally:
-            for k in conn.scan_iter(f"{ns}:*"):
-                conn.delete(k)
-        return
-    exe = shutil.which("redis-server")
-    if not exe:
-        pytest.skip("needs REDIS_URL or a redis-server executable (the RQ worker runs in its own process)")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workdir = tempfile.mkdtemp(prefix="hih-redis-")
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", workdir]
-    proc = subprocess.Popen([exe, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    conn = redis.Redis(host="127.0.0.1", port=port)
-    try:
-        for _ in range(100):
-            with contextlib.suppress(redis.ConnectionError):
-                if conn.ping():
-                    break
-            time.sleep(0.05)
-        yield conn, f"redis://127.0.0.1:{port}/0", ns
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(workdir, ignore_errors=True)
+            delete_namespace(url, ns)
 
 
 def _per_task_versions(ls: LabelStudioServer, project_id: int, version: str) -> dict[int, int]:
@@ -154,23 +130,6 @@ def _worker(url: str, ns: str, ls: LabelStudioServer) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL a process and its descendants (RQ's work horse moves to its own process group)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo, seen = [pid], []
-    while todo:
-        p = todo.pop()
-        seen.append(p)
-        todo.extend(children.get(p, []))
-    for p in seen:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
-
-
 def test_preannotate_job_killed_part_way_resumes_without_duplicates(
     label_studio: LabelStudioServer, label_config_xml: str, tmp_path: Path
 ) -> None:
@@ -201,11 +160,11 @@ def test_preannotate_job_killed_part_way_resumes_without_duplicates(
                 assert worker.poll() is None, f"worker exited early: {worker.stderr.read().decode()[-2000:]}"
                 assert time.monotonic() < deadline, f"no progress: {meta}"
                 time.sleep(0.1)
-            _kill_tree(worker.pid)  # the worker and its work horse die mid-batch
+            kill_tree(worker.pid)  # the worker and its work horse die mid-batch
             worker.wait(10)
         finally:
             if worker.poll() is None:
-                _kill_tree(worker.pid)
+                kill_tree(worker.pid)
                 worker.wait(10)
         before = _per_task_versions(label_studio, pid, version)
         assert 4 <= len(before) < n_tasks and set(before.values()) == {1}
@@ -218,7 +177,7 @@ def test_preannotate_job_killed_part_way_resumes_without_duplicates(
             _, err = worker.communicate(timeout=90)
         finally:
             if worker.poll() is None:
-                _kill_tree(worker.pid)
+                kill_tree(worker.pid)
         job = Job.fetch(job2, connection=conn)
         assert job.get_status(refresh=True).value == "finished", err.decode()[-3000:]
         meta = job.get_meta(refresh=True)
