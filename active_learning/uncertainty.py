@@ -1,57 +1,49 @@
 """Uncertainty of HIH landmark predictions: per point, per face, per task, and the Label Studio scores.
 
-Inputs are the decoder statistics of ``model.codec.decode`` (``FacePrediction.stats``, each (K,) per face or
-(N, K) for a batch): ``integer_std`` (spread of the softmax of the integer heatmap, input pixels of the
-model's face crop), ``integer_peak`` (its largest probability), ``decimal_std`` (spread of the 8x8 decimal
-distribution, crop pixels), ``decimal_entropy`` (0-1), ``decimal_peak``.
+Inputs are the decoder statistics of ``model.codec.decode`` as ``FacePrediction.stats`` holds them (each (K,)
+per face or (N, K) for a batch): ``integer_std`` (spread of the softmax of the integer heatmap, input pixels
+of the model's face crop), ``integer_peak`` (its largest probability), ``decimal_std`` (spread of the 8x8
+decimal distribution, crop pixels), ``decimal_entropy`` (0-1), ``decimal_peak``; and ``crop_points`` ((K, 2)
+or (N, K, 2): the points in the input crop as a fraction of its side).
 
-The formula (``POINT_FORMULA``, ``FACE_AGGREGATE``)
----------------------------------------------------
-- point:  ``u_k = sqrt(integer_std_k^2 + decimal_std_k^2)`` (crop px): the spread of the model's whole
-  position distribution, integer pixel and sub-pixel cell together (as if independent);
-- face:   ``U = mean of the 17 largest u_k`` (the 25 % least sure points, "top25");
-- task:   the largest face ``U`` (+inf without a face: a human must look);
-- scores: calibrated probabilities, logistic in ``ln u``, higher = more confident, fitted on the 100
-  holdout faces (clean ground truth): region ``score`` = P(point error <= 5 % of the inter-ocular distance)
-  (``POINT_CALIBRATION``); prediction ``score`` = P(face NME <= 5 %) (``FACE_CALIBRATION``) of the task's
-  most uncertain face, 0 without a face. The fit is steep (U from 7.0 to 8.2 crop px spans the 10th-90th
-  percentile; score 0.5 at U = 7.9) because the integer map's spread has a floor set by the width of its
-  training label. Label Studio's ascending "prediction score" order and its uncertainty sampling therefore
-  show the most doubtful tasks first; ``score_to_uncertainty`` inverts the prediction score exactly.
+The formula
+-----------
+- point:  ``u_k = sqrt(integer_std_k^2 + decimal_std_k^2)`` (crop px, ``POINT_FORMULA``): the spread of the
+  model's whole position distribution, integer pixel and sub-pixel cell together (as if independent);
+- face:   the *predicted inter-ocular NME* (a fraction; 0.05 = 5 %) of ``active_learning.error_model``: a
+  log-linear model of the least sure quarter of the points' spread (``top25(u)``) and of the inter-ocular
+  distance in the crop, fitted on augmented training faces. With the shipped fit it is
+  ``NME_hat ~ top25(u)^1.9 / iod^0.5``: the spread grows with the error, and NME divides a pixel error by the
+  inter-ocular distance, which shrinks in the crop as the head turns;
+- task:   the largest face uncertainty (+inf without a face: a human must look);
+- scores: calibrated probabilities, higher = more confident: region ``score`` = P(point error <= 5 % of the
+  inter-ocular distance), logistic in ``ln u_k`` (``POINT_CALIBRATION``, fitted on the 100 training-holdout
+  faces); prediction ``score`` = P(face NME <= 5 %) of the task's most uncertain face, logistic in
+  ``ln NME_hat`` (``face_calibration`` in ``error_model.json``, fitted on the same holdout faces), 0 without
+  a face. Label Studio's ascending "prediction score" order and its uncertainty sampling therefore show the
+  most doubtful tasks first; ``score_to_uncertainty`` inverts the prediction score exactly.
 
-Why (``python benchmarks/bench_uncertainty.py select``; benchmarks/results/uncertainty_selection.json)
-----------------------------------------------------------------------------------------------------
-Chosen on TRAINING data only, never on the validation faces: the 100 300-W training faces that the default
-model's run held out (``np.random.default_rng(0).permutation(2012)[:100]``) plus the 800 ytf/train frames
-(never trained on), 5 folds (ytf grouped by person). Every per-point candidate (``POINT_CANDIDATES``) x
-face aggregate (``FACE_AGGREGATES``) was scored by the Spearman correlation of face uncertainty with face
-NME, per fold. Default model (weights/hih_cpu_300w, epoch 44; mean NME 4.07 % on the holdout faces, 6.70 %
-on ytf); mean over folds (sd); hit10 = share of a fold's worst 10 % among its 10 % most uncertain; pt =
-Spearman of point uncertainty with point error (all points pooled, error / inter-ocular distance):
+Why (``python benchmarks/bench_uncertainty.py select`` and ``... fit``; benchmarks/results/)
+----------------------------------------------------------------------------------------------
+Chosen on TRAINING data only, never on the validation faces: the selection faces are the 100 300-W training
+faces that the default model's run held out (``np.random.default_rng(0).permutation(2012)[:100]``) plus the
+800 ytf/train frames (never trained on), in 5 folds (ytf grouped by person), scored by the Spearman
+correlation of face uncertainty with face NME per fold (hit10 = share of a fold's worst 10 % among its 10 %
+most uncertain). Default model (weights/hih_cpu_300w); mean over folds (sd):
 
-    formula                                   Spearman       hit10   pt
-    top25(integer_std)                        0.642 (0.042)  0.49    0.342
-    top25(rss_std)            <- chosen       0.641 (0.042)  0.49    0.343
-    top25(integer_std + decimal_std)          0.638 (0.043)  0.49    0.342
-    top10(rss_std)                            0.628 (0.044)  0.48    0.343
-    mean(integer_std)                         0.622 (0.042)  0.47    0.342
-    mean(decimal_std)                         0.561 (0.068)  0.37    0.253
-    mean(decimal_entropy)                     0.454 (0.076)  0.29    0.049
-    baseline: -mean(integer_peak)             0.462 (0.077)  0.30    0.259
-    top25(flip disagreement), 2nd pass        0.473 (0.092)  0.39    0.200
-    fitted log-linear, 4 stats, out of fold   0.661 (0.046)  0.47    -
-    fitted ln integer_std + ln integer_peak   0.658 (0.031)  0.49    -
+    face uncertainty                                            Spearman       hit10
+    error model: spread + iod (2 features)        <- chosen      0.710 (0.033)  0.53
+    error model: all 4 statistics + iod (9 features)             0.714 (0.026)  0.51
+    error model: spreads + peak + iod (7 features)               0.709 (0.026)  0.50
+    previous: top25(rss_std), crop px                            0.641 (0.042)  0.49
+    baseline: -mean(integer_peak)                                0.462 (0.077)  0.30
 
-Rule: among the unfitted formulas within one standard error (fold sd / sqrt 5) of the best Spearman, take
-the one whose per-point uncertainty best predicts the per-point error (it also gives the regions' scores).
-Findings: the integer map's spread carries almost all the signal; adding the decimal spread changes the
-face ranking by about 0.001 (rss_std is picked by the rule from a tie, and is the natural total spread); the
-decimal entropy, the decimal peak and either map's peak value are much weaker; the least sure quarter of the
-points predicts the face's error better than the mean of all (errors concentrate on a few points: jaw,
-occluded or blurred parts). Fitted log-linear combinations gained about 0.02 (half a fold sd) out of fold,
-with weights that drift between training checkpoints (ln integer_std 2.7 at epoch 8, 4.8 at epoch 44) and
-give a higher integer peak a higher uncertainty at a fixed spread, which has no clear reading: not adopted.
-Flip-test disagreement (a second network pass) was weaker than the chosen formula and is not used.
+The error models are fitted on the shipped network's own 300-W training faces under the training
+augmentation (3 crops a face, mean NME 4.7 %), so the selection faces stay out of every fit; the rule keeps
+the smallest feature set within one standard error (fold sd / sqrt 5) of the best mean fold Spearman. The
+per-point formula is the one ``select`` picked before (among spreads, entropies and peaks, aggregated
+several ways: the integer map's spread carries almost all the signal; the decimal spread adds its sub-pixel
+part; entropy and peak values are much weaker; flip-test disagreement, a second pass, was weaker too).
 """
 
 from __future__ import annotations
@@ -62,6 +54,8 @@ from typing import Any
 
 import numpy as np
 
+from active_learning import error_model
+
 __all__ = [
     "STAT_FIELDS",
     "FACE_OK_NME",
@@ -71,6 +65,7 @@ __all__ = [
     "FACE_AGGREGATES",
     "point_uncertainty",
     "face_uncertainty",
+    "face_calibration",
     "task_uncertainty",
     "point_scores",
     "face_score",
@@ -178,26 +173,31 @@ def worst_in_most_uncertain(uncertainty: np.ndarray, error: np.ndarray, frac: fl
 
 # ---------------------------------------------------------------------------------- chosen formula
 POINT_FORMULA = "rss_std"
-FACE_AGGREGATE = "top25"
-# Scores are calibrated probabilities that the prediction needs no correction: a logistic in log uncertainty,
-# P(ok) = 1 / (1 + exp(-(c0 + c1 * ln u))), fitted on the training pool (see the module docstring).
+FACE_AGGREGATE = "top25"  # the aggregate of the point spreads that the error model reads (``ln top25(rss_std)``)
+# Scores are calibrated probabilities that the prediction needs no correction (see the module docstring).
 FACE_OK_NME = 0.05  # a face is "ok" when its inter-ocular NME is at most this
 POINT_OK_IOD = 0.05  # a point is "ok" when its error is at most this share of the inter-ocular distance
-FACE_CALIBRATION = (77.37, -37.41)  # (c0, c1) of the face/task score
-POINT_CALIBRATION = (22.04, -11.07)  # (c0, c1) of the per-point (region) score
+POINT_CALIBRATION = (22.04, -11.07)  # (c0, c1) of the per-point (region) score, logistic in ln u_k
 
 
 def point_uncertainty(stats: Mapping[str, Any]) -> np.ndarray:
-    """Per-point uncertainty (..., K) from decoder statistics (each (..., K)); larger = less sure."""
+    """Per-point uncertainty (..., K) from decoder statistics (each (..., K)), crop px; larger = less sure."""
     return POINT_CANDIDATES[POINT_FORMULA](stats)
 
 
-def face_uncertainty(stats_or_points: Mapping[str, Any] | np.ndarray) -> np.ndarray | float:
-    """Per-face uncertainty from decoder statistics or from per-point uncertainties (..., K) -> (...)."""
-    u = point_uncertainty(stats_or_points) if isinstance(stats_or_points, Mapping) else np.asarray(
-        stats_or_points, dtype=np.float64)
-    out = FACE_AGGREGATES[FACE_AGGREGATE](u)
+def face_uncertainty(stats: Mapping[str, Any]) -> np.ndarray | float:
+    """Per-face uncertainty: the predicted inter-ocular NME (fraction) of faces whose stats are (..., K) (and
+    ``crop_points`` (..., K, 2)); (...) -> a float for one face. Larger = less sure."""
+    if not isinstance(stats, Mapping):
+        raise TypeError("face_uncertainty needs the decoder statistics (a mapping), not point uncertainties")
+    out = error_model.load().predict_nme(stats)
     return float(out) if np.ndim(out) == 0 else out
+
+
+def face_calibration() -> tuple[float, float]:
+    """(c0, c1) of the face score, P(NME <= FACE_OK_NME) = sigmoid(c0 + c1 ln NME_hat), from the shipped fit."""
+    cal = error_model.read_document_cached()["face_calibration"]
+    return float(cal["c0"]), float(cal["c1"])
 
 
 def task_uncertainty(face_uncertainties: Iterable[float]) -> float:
@@ -237,7 +237,7 @@ def face_score(face_unc: float) -> float:
     if not math.isfinite(u):
         return 0.0
     u = max(u, 0.0)
-    c0, c1 = FACE_CALIBRATION
+    c0, c1 = face_calibration()
     if u == 0:
         sig = 1.0
     else:
@@ -248,7 +248,8 @@ def face_score(face_unc: float) -> float:
 
 def score_to_uncertainty(score: float) -> float:
     """Inverse of :func:`face_score` (by bisection; relative error below 1e-4 where the logistic saturates,
-    far smaller elsewhere): +inf for a score of 0 or less, 0 for a score at or above ``face_score(0)``."""
+    from a predicted NME of 0.1 % up, far smaller elsewhere): +inf for a score of 0 or less, 0 for a score at
+    or above ``face_score(0)``."""
     s = float(score)
     if not s > 0:
         return math.inf
@@ -270,20 +271,21 @@ def score_to_uncertainty(score: float) -> float:
     return math.exp((lo + hi) / 2)
 
 
-def _face_point_uncertainty(face: Any) -> np.ndarray:
+def _face_stats(face: Any) -> Mapping[str, Any]:
     stats = getattr(face, "stats", None) if not isinstance(face, Mapping) else face.get("stats")
     if not stats:
         raise ValueError("the face has no decoder statistics (FacePrediction.stats)")
-    return point_uncertainty(stats)
+    return stats
 
 
 def score_face(face: Any) -> Any:
-    """Set a ``model.predictor.FacePrediction``'s ``point_uncertainty``, ``point_scores``, ``uncertainty`` and
-    ``score`` from its decoder ``stats`` with the chosen formula (in place); returns the face."""
-    pu = _face_point_uncertainty(face)
+    """Set a ``model.predictor.FacePrediction``'s ``point_uncertainty`` (crop px), ``point_scores``,
+    ``uncertainty`` (predicted NME) and ``score`` from its ``stats`` with the chosen formula (in place)."""
+    stats = _face_stats(face)
+    pu = point_uncertainty(stats)
     face.point_uncertainty = pu
     face.point_scores = point_scores(pu)
-    face.uncertainty = float(face_uncertainty(pu))
+    face.uncertainty = float(face_uncertainty(stats))
     face.score = face_score(face.uncertainty)
     return face
 
@@ -297,16 +299,18 @@ def task_score(faces: Sequence[Any]) -> float:
     """The Label Studio prediction ``score`` of a task's faces (0-1, higher = more confident): the score of
     its most uncertain face, 0 when it has no face. Label Studio's ascending "prediction score" ordering and
     its uncertainty sampling therefore show the most doubtful tasks first."""
-    return face_score(task_uncertainty(float(face_uncertainty(_face_point_uncertainty(f))) for f in faces))
+    return face_score(task_uncertainty(float(face_uncertainty(_face_stats(f))) for f in faces))
 
 
 def prediction_scores(faces: Sequence[Any]) -> dict[str, Any]:
     """Everything the backend needs for one task: ``score`` (the prediction's), ``uncertainty`` (the
-    task's, +inf without a face), and per face ``point_scores`` (K,) for the regions' ``score``."""
-    per_face = [_face_point_uncertainty(f) for f in faces]
-    u = task_uncertainty(float(face_uncertainty(p)) for p in per_face)
-    return {"score": face_score(u), "uncertainty": u, "point_scores": [point_scores(p) for p in per_face],
-            "face_uncertainty": [float(face_uncertainty(p)) for p in per_face]}
+    task's predicted NME, +inf without a face), per face ``point_scores`` (K,) for the regions' ``score``
+    and ``face_uncertainty`` (predicted NME)."""
+    stats = [_face_stats(f) for f in faces]
+    per_face = [float(face_uncertainty(s)) for s in stats]
+    u = task_uncertainty(per_face)
+    return {"score": face_score(u), "uncertainty": u,
+            "point_scores": [point_scores(point_uncertainty(s)) for s in stats], "face_uncertainty": per_face}
 
 
 def per_image_rows(predictions: Sequence[Any], gts: Sequence[Any], scheme: str | int = "300w_68",
@@ -337,6 +341,6 @@ def per_image_rows(predictions: Sequence[Any], gts: Sequence[Any], scheme: str |
             continue
         pts = pred["points"] if isinstance(pred, Mapping) else pred.points
         e = float(nme(np.asarray(pts, dtype=np.float64), gt_pts, scheme))
-        u = float(face_uncertainty(_face_point_uncertainty(pred)))
+        u = float(face_uncertainty(_face_stats(pred)))
         rows.append({"image": name, "nme": e, "uncertainty": u})
     return rows

@@ -54,7 +54,7 @@ BASELINE = "integer_peak"
 # ------------------------------------------------------------------------------------------ predict
 def _cache_key(weights: Path, records) -> str:
     st = (weights / "model.safetensors").stat()
-    h = hashlib.sha256(f"v2|{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    h = hashlib.sha256(f"v3|{weights.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     for r in records:
         h.update(str(r.image_path).encode())
     return h.hexdigest()[:20]
@@ -77,7 +77,7 @@ def predict_records(weights: Path, records, cache: bool = True, batch: int = 32)
     predictor = Predictor.load(weights, device="cpu", detector="auto")
     perm = predictor.scheme.flip_permutation()
     crop = predictor.model.config.input_size / predictor.model.config.crop_scale
-    pts, parts, flips = [], [], []
+    pts, parts, flips, crop_pts = [], [], [], []
     seconds = 0.0
     for s in range(0, len(records), batch):
         chunk = records[s : s + batch]
@@ -88,6 +88,7 @@ def predict_records(weights: Path, records, cache: bool = True, batch: int = 32)
         seconds += time.perf_counter() - t0
         pts.append(p)
         parts.append({f: getattr(dec, f) for f in U.STAT_FIELDS})
+        crop_pts.append(dec.points / predictor.model.config.input_size)
         # the mirrored face, for the flip-disagreement candidate (a second pass; not a decoder statistic)
         widths = np.array([im.shape[1] for im in images], dtype=np.float64)
         mirrored = [(w - 1 - b[0], b[1], b[2]) for w, b in zip(widths, boxes, strict=True)]
@@ -103,6 +104,7 @@ def predict_records(weights: Path, records, cache: bool = True, batch: int = 32)
     for f in U.STAT_FIELDS:
         out[f] = np.concatenate([p[f] for p in parts]).astype(np.float64)
     out["flip_disagreement"] = np.concatenate(flips)
+    out["crop_points"] = np.concatenate(crop_pts).astype(np.float64)
     if cache:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         np.savez(cache_file, **out)
@@ -115,7 +117,8 @@ def _rel(path: Path) -> str:
 
 
 def stats_of(pred: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {f: pred[f] for f in U.STAT_FIELDS}
+    """The decoder statistics and crop points of cached predictions, as ``FacePrediction.stats`` holds them."""
+    return {f: pred[f] for f in (*U.STAT_FIELDS, "crop_points")}
 
 
 def point_errors(pred: dict[str, np.ndarray]) -> np.ndarray:
@@ -280,6 +283,121 @@ def select(weights: Path, data: Path, cache: bool) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------------------------- fit
+AUG_DRAWS = 3  # augmented crops per training face for the error model's fit
+RIDGES = (1e-4, 1e-3, 1e-2)  # penalty on standardised weights: at most 1 % shrinkage
+
+
+def augmented_training_faces(weights: Path, records, draws: int = AUG_DRAWS, seed: int = 1234,
+                             cache: bool = True) -> dict[str, np.ndarray]:
+    """``active_learning.error_model_fit.collect_augmented`` with the checkpoint at ``weights``, cached."""
+    import torch
+
+    from active_learning.error_model_fit import collect_augmented
+    from model.predictor import Predictor
+
+    cache_file = (Path(tempfile.gettempdir()) / "hih-bench-uncertainty"
+                  / f"aug-{_cache_key(weights, records)}-{draws}-{seed}.npz")
+    if cache and cache_file.is_file():
+        with np.load(cache_file) as z:
+            return {k: z[k] for k in z.files}
+    torch.set_num_threads(1)
+    predictor = Predictor.load(weights, device="cpu", detector="auto")
+    res = collect_augmented(predictor, records, draws, seed, progress=True)
+    if cache:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache_file, **res)
+    return res
+
+
+def fit(weights: Path, data: Path, cache: bool, model_file: Path) -> dict:
+    """Fit every feature set x ridge of ``active_learning.error_model`` on augmented training faces (the 300-W
+    training faces the default model trained on, its 100 holdout faces excluded), score each on the
+    selection folds (holdout + ytf, never fitted on) and keep, by the one-standard-error rule, the smallest
+    feature set and then the strongest ridge within one standard error (fold sd / sqrt 5) of the best mean
+    fold Spearman. Then calibrate the face score on the holdout faces and write ``model_file``."""
+    from active_learning import error_model as EM
+    from model.readers import load_300w_folder
+
+    train = load_300w_folder([data / "300w" / "train"])
+    held = set(np.random.default_rng(0).permutation(len(train))[:HOLDOUT].tolist())
+    fit_records = [r for i, r in enumerate(train) if i not in held]
+    aug = augmented_training_faces(weights, fit_records, cache=cache)
+    sets = load_sets(data)
+    preds = {name: predict_records(weights, sets[name], cache) for name in ("holdout", "ytf")}
+    pool = {k: np.concatenate([preds["holdout"][k], preds["ytf"][k]]) for k in preds["holdout"]
+            if k != "seconds_per_face"}
+    folds = make_folds(len(sets["holdout"]), [r.image_path for r in sets["ytf"]])
+    is_ytf = np.r_[np.zeros(len(sets["holdout"]), bool), np.ones(len(sets["ytf"]), bool)]
+    e, stats = pool["nme"], stats_of(pool)
+    y_aug = np.log(np.clip(aug["nme"], 1e-6, None))
+
+    def fold_scores(u: np.ndarray) -> dict:
+        per_fold = [_scores(u[folds == f], e[folds == f]) for f in range(FOLDS)]
+        rho = np.array([p[0] for p in per_fold])
+        return {"spearman": float(rho.mean()), "spearman_sd": float(rho.std()),
+                "worst10_hit": float(np.mean([p[1] for p in per_fold])),
+                "spearman_holdout": U.spearman(u[~is_ytf], e[~is_ytf]),
+                "spearman_ytf": U.spearman(u[is_ytf], e[is_ytf])}
+
+    rows, models = [], {}
+    for set_name, names in EM.FEATURE_SETS.items():
+        x_aug = EM.feature_matrix(aug, names)
+        x_pool = EM.feature_matrix(stats, names)
+        for ridge in RIDGES:
+            m = EM.fit_ridge(x_aug, y_aug, names, ridge)
+            label = f"{set_name}, ridge {ridge:g}"
+            models[label] = m
+            rows.append({"formula": label, "features": len(names), "ridge": ridge,
+                         "train_spearman": U.spearman(m.log_nme(x_aug), y_aug),
+                         **fold_scores(m.log_nme(x_pool))})
+    old = U.FACE_AGGREGATES["top25"](U.POINT_CANDIDATES["rss_std"](stats))
+    reference = [{"formula": "previous: top25(rss_std), crop px", **fold_scores(old)},
+                 {"formula": "baseline -mean(integer_peak)", **fold_scores(baseline_uncertainty(stats))}]
+    best = max(rows, key=lambda r: r["spearman"])
+    close = [r for r in rows if r["spearman"] >= best["spearman"] - best["spearman_sd"] / np.sqrt(FOLDS)]
+    chosen = min(close, key=lambda r: (r["features"], -r["ridge"]))
+    model = models[chosen["formula"]]
+
+    # the face score: P(NME <= FACE_OK_NME), logistic in ln NME_hat, on the holdout faces (clean ground truth)
+    h = ~is_ytf
+    ln_hat = np.log(model.predict_nme({k: v[h] for k, v in stats.items()}))
+    ok = (e[h] <= U.FACE_OK_NME).astype(float)
+    c0, c1 = fit_logistic(ln_hat, ok)
+    info = {"fitted_on": f"{len(aug['nme'])} augmented crops ({AUG_DRAWS} per face) of the "
+                         f"{len(fit_records)} 300-W training faces the model trained on (its {HOLDOUT}-face "
+                         "holdout excluded), training augmentation",
+            "weights": _rel(weights), "mean_nme_fitted_on": float(aug["nme"].mean()),
+            "residual_sd_ln_nme": float(np.std(model.log_nme(EM.feature_matrix(aug, model.features)) - y_aug)),
+            "chosen": chosen["formula"],
+            "rule": "smallest feature set, then strongest ridge, within one standard error of the best mean "
+                    "fold Spearman on the selection folds (300-W holdout + ytf, 5 folds)"}
+    model = EM.ErrorModel(model.features, model.mean, model.scale, model.weights, model.bias, model.ridge, info)
+    calibration = {"on": f"the {int(h.sum())} 300-W holdout faces", "ok_nme": U.FACE_OK_NME,
+                   "ok_rate": float(ok.mean()), "c0": c0, "c1": c1}
+    EM.save(model, model_file, {"face_calibration": calibration})
+    EM.load.cache_clear()
+    EM.read_document_cached.cache_clear()
+    return {"weights": _rel(weights), "model_file": _rel(model_file), "error_model": model.to_dict(),
+            "face_calibration": calibration, "chosen": chosen, "rows": sorted(rows, key=lambda r: -r["spearman"]),
+            "reference": reference}
+
+
+def print_fit(out: dict) -> None:
+    print(f"error model fit, weights {out['weights']}: {out['error_model']['info']['fitted_on']}")
+    print(f"{'formula':44s} {'rho':>6s} {'sd':>5s} {'hit10':>6s} {'rho_h':>6s} {'rho_y':>6s} {'train':>6s}")
+    for r in out["rows"] + out["reference"]:
+        tr = f"{r['train_spearman']:.3f}" if "train_spearman" in r else ""
+        print(f"{r['formula']:44s} {r['spearman']:6.3f} {r['spearman_sd']:5.3f} {r['worst10_hit']:6.2f} "
+              f"{r['spearman_holdout']:6.3f} {r['spearman_ytf']:6.3f} {tr:>6s}")
+    m = out["error_model"]
+    print(f"chosen: {out['chosen']['formula']}; ln NME = {m['bias']:.3f} + "
+          + " + ".join(f"{w:.3f} * ({f} - {mu:.3f}) / {sd:.3f}"
+                       for f, w, mu, sd in zip(m["features"], m["weights"], m["mean"], m["scale"], strict=True)))
+    print(f"face score calibration: {out['face_calibration']}")
+    print(f"wrote {out['model_file']}")
+
+
 def print_selection(out: dict) -> None:
     print(f"formula selection on training data: {out['faces']} faces, {out['folds']} folds, "
           f"weights {out['weights']}; mean NME holdout {out['nme_mean']['holdout'] * 100:.2f}% "
@@ -298,24 +416,43 @@ def print_selection(out: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------- bench
+BOOTSTRAP = 2000  # resamples of the faces for the 95 % intervals
+
+
+def bootstrap_interval(u: np.ndarray, e: np.ndarray, n: int = BOOTSTRAP, seed: int = 0) -> dict[str, list[float]]:
+    """95 % percentile intervals of Spearman and of the worst-10 % hit rate over resamples of the faces."""
+    rng = np.random.default_rng(seed)
+    rho, hit = [], []
+    for _ in range(n):
+        i = rng.integers(0, len(e), len(e))
+        rho.append(U.spearman(u[i], e[i]))
+        hit.append(U.worst_in_most_uncertain(u[i], e[i], 0.10))
+    return {"spearman": [float(v) for v in np.nanpercentile(rho, [2.5, 97.5])],
+            "worst10_in_top10": [float(v) for v in np.percentile(hit, [2.5, 97.5])]}
+
+
 def bench(weights: Path, data: Path, cache: bool, plot: Path) -> dict:
     sets = load_sets(data)
-    out: dict = {"weights": _rel(weights), "sets": {}}
+    out: dict = {"weights": _rel(weights), "sets": {}, "bootstrap": BOOTSTRAP}
     curves = {}
     for name, folder in (("300w_val_lfpw", "lfpw"), ("ytf_train", "ytf")):
         pred = predict_records(weights, sets[folder], cache)
         stats, e = stats_of(pred), pred["nme"]
-        u = U.face_uncertainty(stats)
-        b = baseline_uncertainty(stats)
-        rho_u, hit_u = _scores(u, e)
-        rho_b, hit_b = _scores(b, e)
-        out["sets"][name] = {
-            "faces": len(e), "nme_mean": float(e.mean()), "nme_median": float(np.median(e)),
-            "uncertainty": {"spearman": rho_u, "worst10_in_top10": hit_u},
-            "baseline_integer_peak": {"spearman": rho_b, "worst10_in_top10": hit_b},
-            "seconds_per_face": float(pred["seconds_per_face"]),
+        scores = {
+            "uncertainty": U.face_uncertainty(stats),
+            "previous_top25_rss_std": U.FACE_AGGREGATES["top25"](U.POINT_CANDIDATES["rss_std"](stats)),
+            "baseline_integer_peak": baseline_uncertainty(stats),
         }
-        curves[name] = {"uncertainty (chosen)": (u, e), "baseline: -mean integer peak": (b, e)}
+        row = {"faces": len(e), "nme_mean": float(e.mean()), "nme_median": float(np.median(e)),
+               "seconds_per_face": float(pred["seconds_per_face"])}
+        for key, u in scores.items():
+            rho, hit = _scores(u, e)
+            k = max(1, round(len(e) * 0.1))
+            row[key] = {"spearman": rho, "worst10_in_top10": hit, "worst10_found": round(hit * k), "worst10": k,
+                        "interval95": bootstrap_interval(u, e)}
+        out["sets"][name] = row
+        curves[name] = {"predicted NME (chosen)": (scores["uncertainty"], e),
+                        "baseline: -mean integer peak": (scores["baseline_integer_peak"], e)}
     _plot(curves, plot)
     out["plot"] = str(plot.relative_to(ROOT)) if plot.is_relative_to(ROOT) else str(plot)
     return out
@@ -327,7 +464,7 @@ def _plot(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: Pat
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator, ScalarFormatter
 
-    kinds = ["uncertainty (chosen)", "baseline: -mean integer peak"]
+    kinds = ["predicted NME (chosen)", "baseline: -mean integer peak"]
     fig = Figure(figsize=(5.0 * len(curves), 4.0 * len(kinds)), dpi=110)
     FigureCanvasAgg(fig)
     for col, (name, per_kind) in enumerate(curves.items()):
@@ -339,10 +476,11 @@ def _plot(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: Pat
             ax.axvline(np.sort(u)[-k], color="tab:red", lw=0.8, ls="--", label="10% most uncertain")
             ax.axhline(np.sort(e)[-k] * 100, color="tab:orange", lw=0.8, ls=":", label="10% worst NME")
             if row == 0:
+                u = u * 100
                 ax.set_xscale("log")
                 ax.xaxis.set_major_formatter(ScalarFormatter())
                 ax.xaxis.set_minor_formatter(ScalarFormatter())
-                ax.set_xlabel("face uncertainty (crop px)")
+                ax.set_xlabel("uncertainty: predicted NME (%)")
             else:
                 ax.xaxis.set_major_locator(MaxNLocator(5))
                 ax.set_xlabel("-mean integer-heatmap peak")
@@ -362,21 +500,25 @@ def _plot(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: Pat
 
 
 def print_bench(out: dict) -> None:
-    print(f"uncertainty benchmark, weights {out['weights']} (ground-truth boxes, one pass)")
-    print(f"{'set':16s} {'faces':>5s} {'NME%':>6s} | {'score':22s} {'Spearman':>8s} "
-          f"{'worst10%->top10%':>16s}")
-    labels = (("uncertainty (chosen)", "uncertainty"), ("baseline int. peak", "baseline_integer_peak"))
+    print(f"uncertainty benchmark, weights {out['weights']} (ground-truth boxes, one pass); "
+          f"[95% interval over {out['bootstrap']} bootstrap resamples]")
+    print(f"{'set':14s} {'faces':>5s} {'NME%':>5s} | {'score':24s} {'Spearman':>19s} {'worst 10% in top 10%':>26s}")
+    labels = (("predicted NME (chosen)", "uncertainty"), ("previous: top25 rss_std", "previous_top25_rss_std"),
+              ("baseline: integer peak", "baseline_integer_peak"))
     for name, s in out["sets"].items():
         for label, key in labels:
             r = s[key]
-            print(f"{name:16s} {s['faces']:5d} {s['nme_mean'] * 100:6.2f} | {label:22s} {r['spearman']:8.3f} "
-                  f"{r['worst10_in_top10']:16.2f}")
+            lo, hi = r["interval95"]["spearman"]
+            hlo, hhi = r["interval95"]["worst10_in_top10"]
+            hit = f"{r['worst10_found']}/{r['worst10']} = {r['worst10_in_top10']:.2f} [{hlo:.2f}, {hhi:.2f}]"
+            print(f"{name:14s} {s['faces']:5d} {s['nme_mean'] * 100:5.2f} | {label:24s} "
+                  f"{r['spearman']:.3f} [{lo:.2f}, {hi:.2f}] {hit:>26s}")
     print(f"plot: {out['plot']}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", nargs="?", default="bench", choices=["bench", "select"])
+    p.add_argument("mode", nargs="?", default="bench", choices=["bench", "select", "fit"])
     p.add_argument("--weights", default=None, help="checkpoint folder (default: weights/hih_cpu_300w, "
                    "else runs/default/best)")
     p.add_argument("--data", default=None, help="data folder (default: $HIH_DATA_DIR or ../shared/data)")
@@ -394,7 +536,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no checkpoint at {weights}", file=sys.stderr)
         return 2
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if args.mode == "select":
+    if args.mode == "fit":
+        from active_learning.error_model import MODEL_FILE
+
+        out = fit(weights, data, not args.no_cache, MODEL_FILE)
+        print_fit(out)
+        target = Path(args.out) if args.out else RESULTS / "uncertainty_fit.json"
+    elif args.mode == "select":
         out = select(weights, data, not args.no_cache)
         print_selection(out)
         target = Path(args.out) if args.out else RESULTS / "uncertainty_selection.json"

@@ -42,7 +42,9 @@ class FacePrediction:
     sqrt(integer_std^2 + decimal_std^2); ``point_scores`` (K,) = exp(-uncertainty / 4 px) in (0, 1], and
     ``uncertainty``/``score`` their per-face mean: raw values. ``active_learning.uncertainty.score_faces``
     replaces these four with the calibrated formula chosen by measurement (the backend and the CLI apply
-    it). ``stats`` holds the decoder statistics each formula starts from.
+    it). ``stats`` holds the decoder statistics each formula starts from (``model.codec.Decoded``'s fields
+    but ``points``, each (K,)), and ``crop_points`` (K, 2): the points in the network's input crop as a
+    fraction of its side (0-based pixel-centre crop coordinates / input size).
     """
 
     box: FaceBox
@@ -146,6 +148,7 @@ class Predictor:
         lo, hi = points.min(0), points.max(0)
         rect = (float(lo[0]), float(lo[1]), float(hi[0] + 1.0), float(hi[1] + 1.0))
         stats = {f: getattr(dec, f)[j] for f in Decoded.__dataclass_fields__ if f != "points"}
+        stats["crop_points"] = dec.points[j] / self.model.config.input_size
         return FacePrediction(
             box=box, rect=rect, points=points, point_scores=scores.astype(np.float64),
             point_uncertainty=unc.astype(np.float64), score=float(scores.mean()), uncertainty=float(unc.mean()),

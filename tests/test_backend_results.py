@@ -36,7 +36,8 @@ def face(points: np.ndarray, score: float = 0.8, spread: float = 1.0) -> FacePre
         point_uncertainty=np.ones(len(points)),
         score=score,
         uncertainty=1.0,
-        stats={"integer_std": np.full(len(points), spread), "decimal_std": np.full(len(points), spread)},
+        stats={"integer_std": np.full(len(points), spread), "decimal_std": np.full(len(points), spread),
+               "crop_points": np.c_[np.linspace(0.1, 0.9, len(points)), np.full(len(points), 0.5)]},
     )
 
 

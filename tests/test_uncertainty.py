@@ -15,14 +15,22 @@ from hih_settings import Settings
 K = 68
 
 
+def crop_points(iod: float = 0.45) -> np.ndarray:
+    """(K, 2) points in a crop (fraction of its side) whose outer eye corners (36, 45) are ``iod`` apart."""
+    pts = np.full((K, 2), 0.5)
+    pts[36], pts[45] = [0.5 - iod / 2, 0.4], [0.5 + iod / 2, 0.4]
+    return pts
+
+
 def _stats(n: int = 1, integer_std: float = 2.0, decimal_std: float = 0.5, peak: float = 0.5,
-           entropy: float = 0.5) -> dict[str, np.ndarray]:
+           entropy: float = 0.5, iod: float = 0.45) -> dict[str, np.ndarray]:
     return {
         "integer_peak": np.full((n, K), peak),
         "integer_std": np.full((n, K), integer_std),
         "decimal_entropy": np.full((n, K), entropy),
         "decimal_std": np.full((n, K), decimal_std),
         "decimal_peak": np.full((n, K), 0.2),
+        "crop_points": np.repeat(crop_points(iod)[None], n, axis=0),
     }
 
 
@@ -77,18 +85,38 @@ def test_point_and_face_uncertainty_grow_with_the_spread() -> None:
     low, high = _stats(integer_std=1.0, decimal_std=0.3), _stats(integer_std=4.0, decimal_std=0.6)
     assert (U.point_uncertainty(high) > U.point_uncertainty(low)).all()
     assert U.face_uncertainty(high)[0] > U.face_uncertainty(low)[0]
-    # the same from point uncertainties
-    from_points = U.face_uncertainty(U.point_uncertainty(high)[0])
-    assert from_points == pytest.approx(float(U.face_uncertainty(high)[0]))
+    # one face gives a float; point uncertainties alone are not enough for the face's predicted NME
+    one = {k: v[0] for k, v in high.items()}
+    assert isinstance(U.face_uncertainty(one), float)
+    assert U.face_uncertainty(one) == pytest.approx(float(U.face_uncertainty(high)[0]))
+    with pytest.raises(TypeError, match="decoder statistics"):
+        U.face_uncertainty(U.point_uncertainty(high)[0])
+
+
+def test_face_uncertainty_is_the_error_models_predicted_nme_by_hand() -> None:
+    from active_learning import error_model as EM
+
+    m = EM.load()
+    s = _stats(integer_std=3.0, decimal_std=0.4, iod=0.5)
+    u_top = math.hypot(3.0, 0.4)  # every point has the same spread, so the top quarter's mean is it
+    by_name = {"ln top25(rss_std)": math.log(u_top), "ln iod": math.log(0.5)}
+    if set(m.features) <= set(by_name):
+        z = [(by_name[f] - mu) / sd for f, mu, sd in zip(m.features, m.mean, m.scale, strict=True)]
+        expected = math.exp(m.bias + sum(w * v for w, v in zip(m.weights, z, strict=True)))
+        assert U.face_uncertainty(s)[0] == pytest.approx(expected, rel=1e-12)
+    # the shipped model's reading: a wider spread, or eyes closer together in the crop, predict a larger NME
+    assert U.face_uncertainty(_stats(integer_std=4.0))[0] > U.face_uncertainty(_stats(integer_std=3.0))[0]
+    assert U.face_uncertainty(_stats(iod=0.3))[0] > U.face_uncertainty(_stats(iod=0.5))[0]
 
 
 def test_scores_are_monotone_bounded_and_invertible() -> None:
     # strictly decreasing everywhere, also where the steep calibrated logistic rounds to 1 or nearly 0
-    us = np.array([0.0, 0.5, 1, 2, 4, 6, 7, 7.5, 7.9, 8.3, 9, 12, 16, 64, 1e4])
+    us = np.array([0.0, 1e-3, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.2, 0.5, 1, 64, 1e4])
     s = np.array([U.face_score(u) for u in us])
     assert s[0] == pytest.approx(1.0) and (np.diff(s) < 0).all() and (s > 0).all() and (s < 1).all()
     for u, sc in zip(us, s, strict=True):
-        assert U.score_to_uncertainty(sc) == pytest.approx(u, rel=1e-6, abs=1e-9)
+        # exact where the logistic has slope; below 1 % predicted NME only the tie-break term is left
+        assert U.score_to_uncertainty(sc) == pytest.approx(u, rel=1e-6 if u >= 0.01 else 1e-4, abs=1e-9)
     assert U.face_score(math.inf) == 0.0 and U.face_score(float("nan")) == 0.0
     assert U.score_to_uncertainty(0.0) == math.inf and U.score_to_uncertainty(1.0) == 0.0
     ps = U.point_scores(np.array([0.0, 1.0, 10.0, 20.0, np.inf, np.nan]))
@@ -157,7 +185,9 @@ def trained(data_dir: Path):
 
 def _face_uncertainties(predictor, images, box) -> np.ndarray:
     _, dec = predictor.predict_crops(images, [box] * len(images))
-    return np.asarray(U.face_uncertainty({f: getattr(dec, f) for f in U.STAT_FIELDS}))
+    stats = {f: getattr(dec, f) for f in U.STAT_FIELDS}
+    stats["crop_points"] = dec.points / predictor.model.config.input_size
+    return np.asarray(U.face_uncertainty(stats))
 
 
 def _levels_monotone(u: np.ndarray) -> None:
