@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="NME, FR, AUC of a model on a 300-W style folder")
     p.add_argument("--data", required=True, help="folder of images with .pts beside them")
     p.add_argument("--detector", default="gt", help="gt (crop from ground truth), auto, haar, hog, yunet:PATH")
-    p.add_argument("--per-image", default=None, metavar="CSV", help="write image,nme,uncertainty per face")
+    p.add_argument("--per-image", default=None, metavar="CSV", help="write image,nme,uncertainty per face "
+                   "(uncertainty: the predicted NME; both fractions)")
     p.add_argument("--plot", default=None, metavar="PNG", help="write the CED curve")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     model_args(p)

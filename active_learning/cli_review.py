@@ -77,11 +77,11 @@ def cmd_rank(args: argparse.Namespace, settings: Any) -> int:
     print(f"project {result.project_id}, model version {result.version}: {len(result.ranked)} ranked, "
           f"{len(result.unscored)} without a prediction of this version"
           + ("" if not result.unscored else " (run `hih-assist preannotate` or `rank --compute`)"))
-    print(f"{'#':>4s} {'task':>8s} {'uncertainty':>12s} {'score':>6s}")
+    print(f"{'#':>4s} {'task':>8s} {'pred.NME%':>12s} {'score':>6s}")  # uncertainty = the predicted NME
     for i, t in enumerate(top, 1):
         u = unc.get(t, math.inf)
         mark = "  (queued by hand)" if t in result.queued else ""
-        print(f"{i:4d} {t:8d} {u:12.3f} {face_score(u):6.3f}{mark}")
+        print(f"{i:4d} {t:8d} {u * 100:12.2f} {face_score(u):6.3f}{mark}")
     if result.view_id is not None:
         print(f"Data Manager tab {result.view_id} (\"Review: most uncertain\") holds these {len(top)} tasks")
     return 0

@@ -13,7 +13,7 @@ The formula
 - face:   the *predicted inter-ocular NME* (a fraction; 0.05 = 5 %) of ``active_learning.error_model``: a
   log-linear model of the least sure quarter of the points' spread (``top25(u)``) and of the inter-ocular
   distance in the crop, fitted on augmented training faces. With the shipped fit it is
-  ``NME_hat ~ top25(u)^1.9 / iod^0.5``: the spread grows with the error, and NME divides a pixel error by the
+  ``NME_hat ~ top25(u)^2.1 / iod^0.5``: the spread grows with the error, and NME divides a pixel error by the
   inter-ocular distance, which shrinks in the crop as the head turns;
 - task:   the largest face uncertainty (+inf without a face: a human must look);
 - scores: calibrated probabilities, higher = more confident: region ``score`` = P(point error <= 5 % of the

@@ -1,21 +1,27 @@
 """Uncertainty benchmark: does a face's uncertainty predict its error?
 
     python benchmarks/bench_uncertainty.py select [--weights runs/default/best]
-        Choose the formula on TRAINING data only: the 100 faces that the default training run held out of
-        300w/train (``np.random.default_rng(0).permutation(n)[:100]`` over the sorted records) plus the 800
-        ytf/train frames (never trained on), in 5 folds (ytf grouped by person, so frames of one video stay in
-        one fold). Every per-point candidate x face aggregate of active_learning.uncertainty is scored per
-        fold (Spearman of face uncertainty with NME; hit10 = share of the fold's worst 10 % found among its
-        10 % most uncertain), next to fitted log-linear combinations (out of fold), the baseline and the
-        flip-test disagreement (a second pass, for comparison). Prints the table, the formula the rule picks
-        (see active_learning/uncertainty.py) and the score calibration (fitted on the holdout faces); writes
+        Choose the per-point formula (the regions' scores) on TRAINING data only: the 100 faces that the
+        default training run held out of 300w/train (``np.random.default_rng(0).permutation(n)[:100]`` over
+        the sorted records) plus the 800 ytf/train frames (never trained on), in 5 folds (ytf grouped by
+        person, so frames of one video stay in one fold). Every per-point candidate x face aggregate of
+        active_learning.uncertainty is scored per fold (Spearman of face uncertainty with NME; hit10 = share
+        of the fold's worst 10 % found among its 10 % most uncertain), next to fitted log-linear combinations
+        (out of fold), the baseline and the flip-test disagreement (a second pass, for comparison). Writes
         benchmarks/results/uncertainty_selection.json.
 
+    python benchmarks/bench_uncertainty.py fit
+        Fit the face error model (active_learning.error_model: predicted NME) on augmented crops of the
+        300-W training faces (holdout excluded), for every feature set x ridge, score each on the same
+        selection folds, keep one by the one-standard-error rule, calibrate the face score on the holdout
+        faces and write active_learning/error_model.json and benchmarks/results/uncertainty_fit.json.
+
     python benchmarks/bench_uncertainty.py [--weights weights/hih_cpu_300w]
-        Measure the chosen formula (active_learning.uncertainty.face_uncertainty) against the baseline (the
-        integer heatmap's peak value, mean over points, negated) on the 300-W validation faces
-        (300w/test/lfpw, 224) and on ytf/train (800): Spearman(uncertainty, NME) and the fraction of the
-        worst 10 % faces (by NME) found among the 10 % most uncertain. Prints a table, writes
+        Measure the chosen face uncertainty (active_learning.uncertainty.face_uncertainty) against the
+        previous formula (top25 of the point spreads, crop px) and the baseline (the integer heatmap's peak
+        value, mean over points, negated) on the 300-W validation faces (300w/test/lfpw, 224) and on
+        ytf/train (800): Spearman(uncertainty, NME) and the fraction of the worst 10 % faces (by NME) found
+        among the 10 % most uncertain, each with a 95 % bootstrap interval. Prints a table, writes
         benchmarks/results/uncertainty.json and benchmarks/results/uncertainty.png (NME against uncertainty).
 
 Faces are predicted on their ground-truth landmark box (``model.transforms.landmark_box``), one pass, the
@@ -431,6 +437,21 @@ def bootstrap_interval(u: np.ndarray, e: np.ndarray, n: int = BOOTSTRAP, seed: i
             "worst10_in_top10": [float(v) for v in np.percentile(hit, [2.5, 97.5])]}
 
 
+def expected_hit10(rho: float, n: int, sims: int = 4000, seed: int = 0) -> dict[str, float]:
+    """What the worst-10 % hit rate is worth at a given Spearman: faces drawn from a Gaussian copula with that
+    rank correlation (Pearson 2 sin(pi rho / 6)), ``n`` faces, ``sims`` draws: mean, 5-95 % range, and the
+    chance of catching at least half."""
+    rng = np.random.default_rng(seed)
+    r = 2.0 * np.sin(np.pi * rho / 6.0)
+    hits = np.empty(sims)
+    for i in range(sims):
+        z = rng.standard_normal((n, 2))
+        hits[i] = U.worst_in_most_uncertain(z[:, 0], r * z[:, 0] + np.sqrt(1.0 - r * r) * z[:, 1], 0.10)
+    lo, hi = np.percentile(hits, [5, 95])
+    return {"mean": float(hits.mean()), "p5": float(lo), "p95": float(hi),
+            "p_at_least_half": float((hits >= 0.5).mean())}
+
+
 def bench(weights: Path, data: Path, cache: bool, plot: Path) -> dict:
     sets = load_sets(data)
     out: dict = {"weights": _rel(weights), "sets": {}, "bootstrap": BOOTSTRAP}
@@ -450,6 +471,8 @@ def bench(weights: Path, data: Path, cache: bool, plot: Path) -> dict:
             k = max(1, round(len(e) * 0.1))
             row[key] = {"spearman": rho, "worst10_in_top10": hit, "worst10_found": round(hit * k), "worst10": k,
                         "interval95": bootstrap_interval(u, e)}
+        chosen = row["uncertainty"]
+        chosen["expected_hit10_at_this_spearman"] = expected_hit10(chosen["spearman"], len(e))
         out["sets"][name] = row
         curves[name] = {"predicted NME (chosen)": (scores["uncertainty"], e),
                         "baseline: -mean integer peak": (scores["baseline_integer_peak"], e)}
@@ -471,12 +494,14 @@ def _plot(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]], path: Pat
         for row, kind in enumerate(kinds):
             u, e = per_kind[kind]
             ax = fig.add_subplot(len(kinds), len(curves), row * len(curves) + col + 1)
-            ax.scatter(u, e * 100, s=6, alpha=0.5, color="tab:blue" if row == 0 else "tab:gray")
+            x = u * 100 if row == 0 else u  # the chosen score is a predicted NME: plotted in %
+            ax.scatter(x, e * 100, s=6, alpha=0.5, color="tab:blue" if row == 0 else "tab:gray")
             k = max(1, round(len(e) * 0.1))
-            ax.axvline(np.sort(u)[-k], color="tab:red", lw=0.8, ls="--", label="10% most uncertain")
+            ax.axvline(np.sort(x)[-k], color="tab:red", lw=0.8, ls="--", label="10% most uncertain")
             ax.axhline(np.sort(e)[-k] * 100, color="tab:orange", lw=0.8, ls=":", label="10% worst NME")
             if row == 0:
-                u = u * 100
+                lim = [min(x.min(), e.min() * 100), max(x.max(), e.max() * 100)]
+                ax.plot(lim, lim, color="black", lw=0.6, alpha=0.6, label="predicted = measured")
                 ax.set_xscale("log")
                 ax.xaxis.set_major_formatter(ScalarFormatter())
                 ax.xaxis.set_minor_formatter(ScalarFormatter())
@@ -513,6 +538,11 @@ def print_bench(out: dict) -> None:
             hit = f"{r['worst10_found']}/{r['worst10']} = {r['worst10_in_top10']:.2f} [{hlo:.2f}, {hhi:.2f}]"
             print(f"{name:14s} {s['faces']:5d} {s['nme_mean'] * 100:5.2f} | {label:24s} "
                   f"{r['spearman']:.3f} [{lo:.2f}, {hi:.2f}] {hit:>26s}")
+    for name, s in out["sets"].items():
+        x = s["uncertainty"]["expected_hit10_at_this_spearman"]
+        print(f"{name}: at Spearman {s['uncertainty']['spearman']:.3f} a Gaussian copula of {s['faces']} faces "
+              f"catches {x['mean']:.2f} of the worst 10% on average (5-95%: {x['p5']:.2f}-{x['p95']:.2f}; "
+              f"at least half in {x['p_at_least_half'] * 100:.0f}% of draws)")
     print(f"plot: {out['plot']}")
 
 
