@@ -143,9 +143,10 @@ def load_sets(data: Path) -> dict[str, list]:
     from model.readers import load_300w_folder
 
     train = load_300w_folder([data / "300w" / "train"])
-    held = np.random.default_rng(0).permutation(len(train))[:HOLDOUT]
+    held = set(np.random.default_rng(0).permutation(len(train))[:HOLDOUT].tolist())
     return {
         "holdout": [train[i] for i in sorted(held)],
+        "trained_on": [r for i, r in enumerate(train) if i not in held],
         "ytf": load_300w_folder([data / "ytf" / "train"]),
         "lfpw": load_300w_folder([data / "300w" / "test" / "lfpw"]),
     }
@@ -198,13 +199,20 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, iterations: int = 50) -> tuple[fl
     return float(w[0]), float(w[1])
 
 
-def select(weights: Path, data: Path, cache: bool) -> dict:
-    sets = load_sets(data)
+def selection_pool(weights: Path, sets: dict[str, list], cache: bool
+                   ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """The selection faces (holdout + ytf) predicted and pooled, their fold per face, and which are ytf."""
     preds = {name: predict_records(weights, sets[name], cache) for name in ("holdout", "ytf")}
     pool = {k: np.concatenate([preds["holdout"][k], preds["ytf"][k]]) for k in preds["holdout"]
             if k != "seconds_per_face"}
     folds = make_folds(len(sets["holdout"]), [r.image_path for r in sets["ytf"]])
     is_ytf = np.r_[np.zeros(len(sets["holdout"]), bool), np.ones(len(sets["ytf"]), bool)]
+    return pool, folds, is_ytf
+
+
+def select(weights: Path, data: Path, cache: bool) -> dict:
+    sets = load_sets(data)
+    pool, folds, is_ytf = selection_pool(weights, sets, cache)
     stats, e = stats_of(pool), pool["nme"]
     perr = point_errors(pool)
     rows = []
@@ -323,18 +331,11 @@ def fit(weights: Path, data: Path, cache: bool, model_file: Path) -> dict:
     feature set and then the strongest ridge within one standard error (fold sd / sqrt 5) of the best mean
     fold Spearman. Then calibrate the face score on the holdout faces and write ``model_file``."""
     from active_learning import error_model as EM
-    from model.readers import load_300w_folder
 
-    train = load_300w_folder([data / "300w" / "train"])
-    held = set(np.random.default_rng(0).permutation(len(train))[:HOLDOUT].tolist())
-    fit_records = [r for i, r in enumerate(train) if i not in held]
-    aug = augmented_training_faces(weights, fit_records, cache=cache)
     sets = load_sets(data)
-    preds = {name: predict_records(weights, sets[name], cache) for name in ("holdout", "ytf")}
-    pool = {k: np.concatenate([preds["holdout"][k], preds["ytf"][k]]) for k in preds["holdout"]
-            if k != "seconds_per_face"}
-    folds = make_folds(len(sets["holdout"]), [r.image_path for r in sets["ytf"]])
-    is_ytf = np.r_[np.zeros(len(sets["holdout"]), bool), np.ones(len(sets["ytf"]), bool)]
+    fit_records = sets["trained_on"]
+    aug = augmented_training_faces(weights, fit_records, cache=cache)
+    pool, folds, is_ytf = selection_pool(weights, sets, cache)
     e, stats = pool["nme"], stats_of(pool)
     y_aug = np.log(np.clip(aug["nme"], 1e-6, None))
 
