@@ -32,7 +32,7 @@ correlation of face uncertainty with face NME per fold (hit10 = share of a fold'
 most uncertain). Default model (weights/hih_cpu_300w); mean over folds (sd):
 
     face uncertainty                                            Spearman       hit10
-    error model: spread + iod (2 features)        <- chosen      0.710 (0.033)  0.53
+    error model: spread + iod (2 features)        <- chosen      0.709 (0.033)  0.53
     error model: all 4 statistics + iod (9 features)             0.714 (0.026)  0.51
     error model: spreads + peak + iod (7 features)               0.709 (0.026)  0.50
     previous: top25(rss_std), crop px                            0.641 (0.042)  0.49
