@@ -35,11 +35,13 @@ import numpy as np
 
 MODEL_FILE = Path(__file__).with_name("error_model.json")
 
+STAT_FIELDS = ("integer_peak", "integer_std", "decimal_entropy", "decimal_std", "decimal_peak")
 _EPS = 1e-6
 TOP_FRACTION = 0.25  # "top25": the mean of the least sure quarter of the points
 
 
-def _stat(stats: Mapping[str, Any], name: str) -> np.ndarray:
+def stat(stats: Mapping[str, Any], name: str) -> np.ndarray:
+    """``stats[name]`` as float64, or a KeyError that names what the statistics do have."""
     if name not in stats:
         raise KeyError(f"decoder statistics lack {name!r} (have {', '.join(sorted(stats))})")
     return np.asarray(stats[name], dtype=np.float64)
@@ -54,7 +56,7 @@ def top_mean(u: np.ndarray, frac: float = TOP_FRACTION) -> np.ndarray:
 
 def rss_std(stats: Mapping[str, Any]) -> np.ndarray:
     """Per-point spread of the whole position distribution, sqrt(integer_std^2 + decimal_std^2), crop px."""
-    return np.hypot(_stat(stats, "integer_std"), _stat(stats, "decimal_std"))
+    return np.hypot(stat(stats, "integer_std"), stat(stats, "decimal_std"))
 
 
 def interocular_fraction(stats: Mapping[str, Any]) -> np.ndarray:
@@ -62,7 +64,7 @@ def interocular_fraction(stats: Mapping[str, Any]) -> np.ndarray:
     the eye corners are the scheme's NME normaliser (points 36 and 45, 0-based, for 300-W's 68)."""
     from model.schemes import get_scheme
 
-    pts = _stat(stats, "crop_points")
+    pts = stat(stats, "crop_points")
     if pts.ndim < 2 or pts.shape[-1] != 2:
         raise ValueError(f"crop_points must be (..., K, 2), got {pts.shape}")
     a, b = get_scheme(int(pts.shape[-2])).interocular
@@ -76,14 +78,14 @@ def _ln(x: np.ndarray) -> np.ndarray:
 # Face features, each stats -> (...). Names say the statistic, the aggregate over points and the transform.
 FACE_FEATURES: dict[str, Callable[[Mapping[str, Any]], np.ndarray]] = {
     "ln top25(rss_std)": lambda s: _ln(top_mean(rss_std(s))),
-    "ln mean(integer_std)": lambda s: _ln(_stat(s, "integer_std").mean(-1)),
-    "ln top25(integer_std)": lambda s: _ln(top_mean(_stat(s, "integer_std"))),
-    "ln mean(decimal_std)": lambda s: _ln(_stat(s, "decimal_std").mean(-1)),
-    "ln top25(decimal_std)": lambda s: _ln(top_mean(_stat(s, "decimal_std"))),
-    "mean(ln integer_peak)": lambda s: _ln(_stat(s, "integer_peak")).mean(-1),
-    "top25(-ln integer_peak)": lambda s: top_mean(-_ln(_stat(s, "integer_peak"))),
-    "mean(decimal_entropy)": lambda s: _stat(s, "decimal_entropy").mean(-1),
-    "top25(decimal_entropy)": lambda s: top_mean(_stat(s, "decimal_entropy")),
+    "ln mean(integer_std)": lambda s: _ln(stat(s, "integer_std").mean(-1)),
+    "ln top25(integer_std)": lambda s: _ln(top_mean(stat(s, "integer_std"))),
+    "ln mean(decimal_std)": lambda s: _ln(stat(s, "decimal_std").mean(-1)),
+    "ln top25(decimal_std)": lambda s: _ln(top_mean(stat(s, "decimal_std"))),
+    "mean(ln integer_peak)": lambda s: _ln(stat(s, "integer_peak")).mean(-1),
+    "top25(-ln integer_peak)": lambda s: top_mean(-_ln(stat(s, "integer_peak"))),
+    "mean(decimal_entropy)": lambda s: stat(s, "decimal_entropy").mean(-1),
+    "top25(decimal_entropy)": lambda s: top_mean(stat(s, "decimal_entropy")),
     "ln iod": lambda s: _ln(interocular_fraction(s)),
 }
 
@@ -201,7 +203,7 @@ def read_document(path: Path | str = MODEL_FILE) -> dict[str, Any]:
 @lru_cache(maxsize=4)
 def load(path: Path | str = MODEL_FILE) -> ErrorModel:
     """The error model saved at ``path`` (default: the shipped one), cached."""
-    return ErrorModel.from_dict(read_document(path)["error_model"])
+    return ErrorModel.from_dict(read_document_cached(path)["error_model"])
 
 
 @lru_cache(maxsize=4)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-STAT_FIELDS = ("integer_peak", "integer_std", "decimal_entropy", "decimal_std", "decimal_peak")
+from active_learning.error_model import STAT_FIELDS
 
 
 def collect_augmented(predictor, records: Sequence, draws: int = 3, seed: int = 1234, batch: int = 64,

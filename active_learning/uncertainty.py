@@ -79,15 +79,9 @@ __all__ = [
     "per_image_rows",
 ]
 
-STAT_FIELDS = ("integer_peak", "integer_std", "decimal_entropy", "decimal_std", "decimal_peak")
-
+STAT_FIELDS = error_model.STAT_FIELDS
+_stat = error_model.stat
 _EPS = 1e-6
-
-
-def _stat(stats: Mapping[str, Any], name: str) -> np.ndarray:
-    if name not in stats:
-        raise KeyError(f"decoder statistics lack {name!r} (have {', '.join(sorted(stats))})")
-    return np.asarray(stats[name], dtype=np.float64)
 
 
 # --------------------------------------------------------------------------------------- candidates
@@ -97,7 +91,7 @@ POINT_CANDIDATES: dict[str, Callable[[Mapping[str, Any]], np.ndarray]] = {
     "integer_std": lambda s: _stat(s, "integer_std"),
     "decimal_std": lambda s: _stat(s, "decimal_std"),
     "sum_std": lambda s: _stat(s, "integer_std") + _stat(s, "decimal_std"),
-    "rss_std": lambda s: np.hypot(_stat(s, "integer_std"), _stat(s, "decimal_std")),
+    "rss_std": error_model.rss_std,
     "decimal_entropy": lambda s: _stat(s, "decimal_entropy"),
     "1-decimal_peak": lambda s: 1.0 - _stat(s, "decimal_peak"),
     "1-integer_peak": lambda s: 1.0 - _stat(s, "integer_peak"),
@@ -121,19 +115,14 @@ def loglinear_features(stats: Mapping[str, Any]) -> np.ndarray:
     ], axis=-1)
 
 
-def _top_mean(u: np.ndarray, frac: float) -> np.ndarray:
-    k = max(1, int(round(u.shape[-1] * frac)))
-    return np.sort(u, axis=-1)[..., -k:].mean(-1)
-
-
 # Face aggregates (..., K) -> (...): how the points' uncertainties combine into one number per face.
 FACE_AGGREGATES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "mean": lambda u: u.mean(-1),
     "rms": lambda u: np.sqrt((u**2).mean(-1)),
     "median": lambda u: np.median(u, -1),
     "geomean": lambda u: np.exp(np.log(np.clip(u, _EPS, None)).mean(-1)),
-    "top10": lambda u: _top_mean(u, 0.10),
-    "top25": lambda u: _top_mean(u, 0.25),
+    "top10": lambda u: error_model.top_mean(u, 0.10),
+    "top25": lambda u: error_model.top_mean(u, 0.25),
     "max": lambda u: u.max(-1),
 }
 
@@ -173,7 +162,6 @@ def worst_in_most_uncertain(uncertainty: np.ndarray, error: np.ndarray, frac: fl
 
 # ---------------------------------------------------------------------------------- chosen formula
 POINT_FORMULA = "rss_std"
-FACE_AGGREGATE = "top25"  # the aggregate of the point spreads that the error model reads (``ln top25(rss_std)``)
 # Scores are calibrated probabilities that the prediction needs no correction (see the module docstring).
 FACE_OK_NME = 0.05  # a face is "ok" when its inter-ocular NME is at most this
 POINT_OK_IOD = 0.05  # a point is "ok" when its error is at most this share of the inter-ocular distance

@@ -66,6 +66,24 @@ def _cache_key(weights: Path, records) -> str:
     return h.hexdigest()[:20]
 
 
+def _cache_file(name: str) -> Path:
+    return Path(tempfile.gettempdir()) / "hih-bench-uncertainty" / f"{name}.npz"
+
+
+def _read_cache(path: Path, cache: bool) -> dict[str, np.ndarray] | None:
+    if not (cache and path.is_file()):
+        return None
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _write_cache(path: Path, cache: bool, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **arrays)
+    return arrays
+
+
 def predict_records(weights: Path, records, cache: bool = True, batch: int = 32) -> dict[str, np.ndarray]:
     """Predict ``records`` on their landmark boxes: ``points`` (N, K, 2), ``gt``, ``nme`` (N,), ``stats``."""
     import torch
@@ -75,10 +93,9 @@ def predict_records(weights: Path, records, cache: bool = True, batch: int = 32)
     from model.predictor import Predictor
     from model.transforms import landmark_box
 
-    cache_file = Path(tempfile.gettempdir()) / "hih-bench-uncertainty" / f"{_cache_key(weights, records)}.npz"
-    if cache and cache_file.is_file():
-        with np.load(cache_file) as z:
-            return {k: z[k] for k in z.files}
+    cache_file = _cache_file(_cache_key(weights, records))
+    if (hit := _read_cache(cache_file, cache)) is not None:
+        return hit
     torch.set_num_threads(1)
     predictor = Predictor.load(weights, device="cpu", detector="auto")
     perm = predictor.scheme.flip_permutation()
@@ -111,10 +128,7 @@ def predict_records(weights: Path, records, cache: bool = True, batch: int = 32)
         out[f] = np.concatenate([p[f] for p in parts]).astype(np.float64)
     out["flip_disagreement"] = np.concatenate(flips)
     out["crop_points"] = np.concatenate(crop_pts).astype(np.float64)
-    if cache:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache_file, **out)
-    return out
+    return _write_cache(cache_file, cache, out)
 
 
 def _rel(path: Path) -> str:
@@ -131,6 +145,11 @@ def point_errors(pred: dict[str, np.ndarray]) -> np.ndarray:
     """(N, K) point errors divided by the face's inter-ocular distance."""
     d = np.linalg.norm(pred["gt"][:, 36] - pred["gt"][:, 45], axis=-1)
     return np.linalg.norm(pred["points"] - pred["gt"], axis=-1) / d[:, None]
+
+
+def previous_uncertainty(stats: dict[str, np.ndarray]) -> np.ndarray:
+    """The face formula before the error model: the mean spread of the least sure quarter of the points (crop px)."""
+    return U.FACE_AGGREGATES["top25"](U.POINT_CANDIDATES["rss_std"](stats))
 
 
 def baseline_uncertainty(stats: dict[str, np.ndarray]) -> np.ndarray:
@@ -310,18 +329,12 @@ def augmented_training_faces(weights: Path, records, draws: int = AUG_DRAWS, see
     from active_learning.error_model_fit import collect_augmented
     from model.predictor import Predictor
 
-    cache_file = (Path(tempfile.gettempdir()) / "hih-bench-uncertainty"
-                  / f"aug-{_cache_key(weights, records)}-{draws}-{seed}.npz")
-    if cache and cache_file.is_file():
-        with np.load(cache_file) as z:
-            return {k: z[k] for k in z.files}
+    cache_file = _cache_file(f"aug-{_cache_key(weights, records)}-{draws}-{seed}")
+    if (hit := _read_cache(cache_file, cache)) is not None:
+        return hit
     torch.set_num_threads(1)
     predictor = Predictor.load(weights, device="cpu", detector="auto")
-    res = collect_augmented(predictor, records, draws, seed, progress=True)
-    if cache:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(cache_file, **res)
-    return res
+    return _write_cache(cache_file, cache, collect_augmented(predictor, records, draws, seed, progress=True))
 
 
 def fit(weights: Path, data: Path, cache: bool, model_file: Path) -> dict:
@@ -358,8 +371,7 @@ def fit(weights: Path, data: Path, cache: bool, model_file: Path) -> dict:
             rows.append({"formula": label, "features": len(names), "ridge": ridge,
                          "train_spearman": U.spearman(m.log_nme(x_aug), y_aug),
                          **fold_scores(m.log_nme(x_pool))})
-    old = U.FACE_AGGREGATES["top25"](U.POINT_CANDIDATES["rss_std"](stats))
-    reference = [{"formula": "previous: top25(rss_std), crop px", **fold_scores(old)},
+    reference = [{"formula": "previous: top25(rss_std), crop px", **fold_scores(previous_uncertainty(stats))},
                  {"formula": "baseline -mean(integer_peak)", **fold_scores(baseline_uncertainty(stats))}]
     best = max(rows, key=lambda r: r["spearman"])
     close = [r for r in rows if r["spearman"] >= best["spearman"] - best["spearman_sd"] / np.sqrt(FOLDS)]
@@ -462,7 +474,7 @@ def bench(weights: Path, data: Path, cache: bool, plot: Path) -> dict:
         stats, e = stats_of(pred), pred["nme"]
         scores = {
             "uncertainty": U.face_uncertainty(stats),
-            "previous_top25_rss_std": U.FACE_AGGREGATES["top25"](U.POINT_CANDIDATES["rss_std"](stats)),
+            "previous_top25_rss_std": previous_uncertainty(stats),
             "baseline_integer_peak": baseline_uncertainty(stats),
         }
         row = {"faces": len(e), "nme_mean": float(e.mean()), "nme_median": float(np.median(e)),
