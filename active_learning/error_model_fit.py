@@ -3,7 +3,8 @@
 ``collect_augmented`` runs a predictor's network on augmented crops of annotated faces (the training
 augmentation of ``model.transforms.AugmentRanges``: rotation, scale, shift, flip, blur, colour, occlusion) and
 returns, per crop, the decoder statistics, the predicted points in the crop (``crop_points``, fraction of its
-side) and the inter-ocular NME against the augmented ground truth. Points are 0-based pixel-centre crop
+side), each point's error over the ground truth's inter-ocular distance (``point_errors``) and their mean,
+the inter-ocular NME (``nme``), against the augmented ground truth. Points are 0-based pixel-centre crop
 coordinates before the division by the input size. Needs torch; ``error_model`` itself does not.
 """
 
@@ -20,19 +21,19 @@ def collect_augmented(predictor, records: Sequence, draws: int = 3, seed: int = 
                       progress: bool = False) -> dict[str, np.ndarray]:
     """``draws`` augmented crops of each of ``records`` (``model.readers.FaceRecord``) through
     ``predictor.model`` (a ``model.predictor.Predictor``): arrays ``nme`` (N,), ``crop_points`` (N, K, 2) and
-    each of ``STAT_FIELDS`` (N, K), N = draws x len(records). Reproducible for a given ``seed``."""
+    ``point_errors`` and each of ``STAT_FIELDS`` (N, K), N = draws x len(records). Reproducible for a given ``seed``."""
     import torch
     from tqdm import tqdm
 
     from model.codec import decode
     from model.dataset import FaceCropDataset
-    from model.metrics import nme
+    from model.metrics import point_errors
 
     if draws < 1 or not records:
         raise ValueError("need at least one draw of at least one face")
     size = predictor.model.config.input_size
     ds = FaceCropDataset(records, predictor.model.config, predictor.scheme, augment=True, seed=seed)
-    out: dict[str, list[np.ndarray]] = {f: [] for f in (*STAT_FIELDS, "crop_points", "nme")}
+    out: dict[str, list[np.ndarray]] = {f: [] for f in (*STAT_FIELDS, "crop_points", "point_errors", "nme")}
     was_training = predictor.model.training
     predictor.model.eval()
     try:
@@ -49,8 +50,11 @@ def collect_augmented(predictor, records: Sequence, draws: int = 3, seed: int = 
                     for f in STAT_FIELDS:
                         out[f].append(getattr(dec, f).astype(np.float64))
                     out["crop_points"].append(dec.points / size)
-                    out["nme"].append(nme(dec.points, gt, predictor.scheme))
+                    errors = point_errors(dec.points, gt, predictor.scheme)
+                    out["point_errors"].append(errors)
+                    out["nme"].append(errors.mean(-1))
                     bar.update(len(items))
     finally:
         predictor.model.train(was_training)
     return {k: np.concatenate(v) for k, v in out.items()}
+

@@ -82,6 +82,22 @@ def nme(
     return out[0] if single else out
 
 
+def point_errors(pred: np.ndarray, gt: np.ndarray, scheme: LandmarkScheme | str | int) -> np.ndarray:
+    """(N, K) Euclidean error of each point over its face's ground-truth inter-ocular distance (fraction).
+
+    ``pred`` and ``gt`` are (N, K, 2) points in the same pixels (0-based pixel-centre); the mean over K is the
+    inter-ocular ``nme``.
+    """
+    scheme = get_scheme(scheme)
+    p = np.asarray(pred, dtype=np.float64)
+    g = np.asarray(gt, dtype=np.float64)
+    if p.shape != g.shape or g.ndim != 3 or g.shape[1:] != (scheme.num_points, 2):
+        raise ValueError(f"need pred and gt (N, {scheme.num_points}, 2), got {p.shape} and {g.shape}")
+    a, b = scheme.interocular
+    iod = np.linalg.norm(g[:, a] - g[:, b], axis=-1)
+    return np.linalg.norm(p - g, axis=-1) / iod[:, None]
+
+
 def _check_nmes(nmes: np.ndarray) -> np.ndarray:
     e = np.asarray(nmes, dtype=np.float64).ravel()
     if e.size == 0:

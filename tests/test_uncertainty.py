@@ -98,12 +98,16 @@ def test_face_uncertainty_is_the_error_models_predicted_nme_by_hand() -> None:
 
     m = EM.load()
     s = _stats(integer_std=3.0, decimal_std=0.4, iod=0.5)
-    u_top = math.hypot(3.0, 0.4)  # every point has the same spread, so the top quarter's mean is it
-    by_name = {"ln top25(rss_std)": math.log(u_top), "ln iod": math.log(0.5)}
-    if set(m.features) <= set(by_name):
-        z = [(by_name[f] - mu) / sd for f, mu, sd in zip(m.features, m.mean, m.scale, strict=True)]
-        expected = math.exp(m.bias + sum(w * v for w, v in zip(m.weights, z, strict=True)))
-        assert U.face_uncertainty(s)[0] == pytest.approx(expected, rel=1e-12)
+    u = math.hypot(3.0, 0.4)  # every point has the same spread, so the top quarter's mean is it too
+    by_name = {"ln top25(rss_std)": math.log(u), "ln rss_std": math.log(u), "ln iod": math.log(0.5)}
+    assert set(m.features) <= set(by_name), f"extend this hand computation to {m.features}"
+    z = [(by_name[f] - mu) / sd for f, mu, sd in zip(m.features, m.mean, m.scale, strict=True)]
+    linear = sum(w * v for w, v in zip(m.weights, z, strict=True))
+    if m.kind == "point":  # the mean over points of each point's expected (lognormal) error
+        expected = float(np.mean(np.exp(np.asarray(m.landmark_bias) + linear + m.residual_sd**2 / 2)))
+    else:
+        expected = math.exp(m.bias + linear)
+    assert U.face_uncertainty(s)[0] == pytest.approx(expected, rel=1e-12)
     # the shipped model's reading: a wider spread, or eyes closer together in the crop, predict a larger NME
     assert U.face_uncertainty(_stats(integer_std=4.0))[0] > U.face_uncertainty(_stats(integer_std=3.0))[0]
     assert U.face_uncertainty(_stats(iod=0.3))[0] > U.face_uncertainty(_stats(iod=0.5))[0]
