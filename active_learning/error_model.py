@@ -153,13 +153,27 @@ def _check_coefficients(n: int, mean: Sequence[float], scale: Sequence[float], w
 
 
 @dataclass(frozen=True)
-class ErrorModel:
-    """A fitted log-linear NME predictor: standardise each feature, then ``bias + weights . z`` = ln NME."""
+class _LinearFit:
+    """What both kinds share: named features, their standardisation and the weights on the standardised values."""
 
     features: tuple[str, ...]
     mean: tuple[float, ...]
     scale: tuple[float, ...]
     weights: tuple[float, ...]
+    kind = ""
+
+    def _linear(self, x: np.ndarray) -> np.ndarray:
+        """(...) ``weights . (x - mean) / scale`` of (..., F) features."""
+        return ((x - np.asarray(self.mean)) / np.asarray(self.scale)) @ np.asarray(self.weights)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}}
+
+
+@dataclass(frozen=True)
+class ErrorModel(_LinearFit):
+    """A fitted log-linear NME predictor: standardise each feature, then ``bias + weights . z`` = ln NME."""
+
     bias: float
     ridge: float = 0.0
     info: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -179,15 +193,11 @@ class ErrorModel:
         x = np.asarray(features, dtype=np.float64)
         if x.shape[-1] != len(self.features):
             raise ValueError(f"expected {len(self.features)} features, got {x.shape[-1]}")
-        z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
-        return z @ np.asarray(self.weights) + self.bias
+        return self._linear(x) + self.bias
 
     def predict_nme(self, stats: Mapping[str, Any]) -> np.ndarray:
         """Predicted inter-ocular NME (fraction) of faces whose stats are (..., K): (...)."""
         return np.exp(self.log_nme(feature_matrix(stats, self.features)))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ErrorModel:
@@ -222,15 +232,11 @@ def fit_ridge(x: np.ndarray, log_nme: np.ndarray, features: Sequence[str], ridge
 
 
 @dataclass(frozen=True)
-class PointErrorModel:
+class PointErrorModel(_LinearFit):
     """A fitted per-point log-linear error model: ``ln e_k = landmark_bias[k] + weights . z_k``, with ``e_k`` a
     point's error over the inter-ocular distance and ``z_k`` its standardised point features; lognormal
     residuals of sd ``residual_sd``. The predicted NME is the mean over points of ``E[e_k]``."""
 
-    features: tuple[str, ...]
-    mean: tuple[float, ...]
-    scale: tuple[float, ...]
-    weights: tuple[float, ...]
     landmark_bias: tuple[float, ...]
     residual_sd: float
     ridge: float = 0.0
@@ -254,8 +260,7 @@ class PointErrorModel:
         if x.shape[-1] != len(self.features) or x.shape[-2] != len(self.landmark_bias):
             raise ValueError(f"expected (..., {len(self.landmark_bias)}, {len(self.features)}) point features, "
                              f"got {x.shape}")
-        z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
-        return z @ np.asarray(self.weights) + np.asarray(self.landmark_bias)
+        return self._linear(x) + np.asarray(self.landmark_bias)
 
     def predict_point_errors(self, stats: Mapping[str, Any]) -> np.ndarray:
         """(..., K) expected point errors (fraction of the inter-ocular distance) of faces with (..., K) stats."""
@@ -265,9 +270,6 @@ class PointErrorModel:
     def predict_nme(self, stats: Mapping[str, Any]) -> np.ndarray:
         """Predicted inter-ocular NME (fraction) of faces whose stats are (..., K): (...)."""
         return self.predict_point_errors(stats).mean(-1)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> PointErrorModel:
