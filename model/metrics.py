@@ -37,6 +37,14 @@ def _normaliser(gt: np.ndarray, scheme: LandmarkScheme, norm: str | tuple[int, i
     return np.linalg.norm(gt[:, pair[0]] - gt[:, pair[1]], axis=-1)
 
 
+def _checked_normaliser(gt: np.ndarray, scheme: LandmarkScheme, norm: str | tuple[int, int]) -> np.ndarray:
+    """:func:`_normaliser`, or a ValueError when it is zero or not finite for some face."""
+    d = _normaliser(gt, scheme, norm)
+    if not (np.isfinite(d).all() and (d > 0).all()):
+        raise ValueError("the normalising distance is zero or not finite for some face")
+    return d
+
+
 def nme(
     pred: np.ndarray,
     gt: np.ndarray,
@@ -75,10 +83,7 @@ def nme(
         if (count == 0).any():
             raise ValueError("a face has no visible points")
         mean_err = np.where(vis, err, 0.0).sum(axis=1) / count
-    d = _normaliser(g, scheme, norm)
-    if not (np.isfinite(d).all() and (d > 0).all()):
-        raise ValueError("the normalising distance is zero or not finite for some face")
-    out = mean_err / d
+    out = mean_err / _checked_normaliser(g, scheme, norm)
     return out[0] if single else out
 
 
@@ -93,9 +98,7 @@ def point_errors(pred: np.ndarray, gt: np.ndarray, scheme: LandmarkScheme | str 
     g = np.asarray(gt, dtype=np.float64)
     if p.shape != g.shape or g.ndim != 3 or g.shape[1:] != (scheme.num_points, 2):
         raise ValueError(f"need pred and gt (N, {scheme.num_points}, 2), got {p.shape} and {g.shape}")
-    a, b = scheme.interocular
-    iod = np.linalg.norm(g[:, a] - g[:, b], axis=-1)
-    return np.linalg.norm(p - g, axis=-1) / iod[:, None]
+    return np.linalg.norm(p - g, axis=-1) / _checked_normaliser(g, scheme, "interocular")[:, None]
 
 
 def _check_nmes(nmes: np.ndarray) -> np.ndarray:
